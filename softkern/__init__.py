@@ -1,0 +1,20 @@
+"""softkern: Numba kernels for reductions, broadcasting and fused softmax.
+
+Every operation has an @njit CPU kernel and a @cuda.jit GPU kernel; the public
+function picks one from the array it is given (NumPy in, NumPy out; a CUDA
+array in, the same kind of array out).
+"""
+
+from numba import config as _numba_config
+
+from softkern._dispatch import device_of
+from softkern.ops.reduce import amax, amin, dot, sum
+
+if _numba_config.ENABLE_CUDASIM:
+    # The simulator lacks warp intrinsics; ours make reduce=2 run there too.
+    from softkern.testing import cudasim as _cudasim
+
+    _cudasim.install()
+
+__version__ = "0.1.0"
+__all__ = ["amax", "amin", "device_of", "dot", "sum"]

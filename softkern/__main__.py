@@ -1,0 +1,129 @@
+"""The tour: ``python -m softkern``.
+
+Prints the device it found, runs every operation on a small example and checks
+it against NumPy in float64, then times reduce=0/1/2 side by side on that
+device. ``--size`` sets the element count of the timing run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda
+
+import softkern as sk
+from softkern import _launch
+
+
+def describe_device() -> tuple[str, bool]:
+    """A line naming the device, and whether the GPU kernels run on real hardware."""
+    if numba_config.ENABLE_CUDASIM:
+        return (
+            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+            "cores); GPU kernels run in Numba's CUDA simulator "
+            "(NUMBA_ENABLE_CUDASIM=1), warp intrinsics emulated",
+            False,
+        )
+    if cuda.is_available():
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        cc = ".".join(map(str, dev.compute_capability))
+        return f"GPU {name} (compute capability {cc})", True
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+        "cores); no CUDA GPU found, simulator off",
+        False,
+    )
+
+
+def check_examples(on_gpu: bool, block: int | None) -> list[tuple[str, bool, str]]:
+    """Run each operation on a small random example on every device we have."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((7, 45)).astype(np.float32)
+    y = rng.standard_normal(45).astype(np.float32)
+    x64 = x.astype(np.float64)
+    cases = [
+        ("sum(x)", lambda m: sk.sum(m(x), block=block), x64.sum()),
+        ("sum(x, dim=1)", lambda m: sk.sum(m(x), 1, block=block), x64.sum(1)),
+        ("sum(x, dim=0)", lambda m: sk.sum(m(x), 0, block=block), x64.sum(0)),
+        ("amax(x, dim=1)", lambda m: sk.amax(m(x), 1, block=block), x64.max(1)),
+        ("amin(x)", lambda m: sk.amin(m(x), block=block), x64.min()),
+        ("dot(x[0], y)", lambda m: sk.dot(m(x[0]), m(y), block=block), x64[0] @ y),
+    ]
+    devices = [("cpu", np.ascontiguousarray)]
+    if on_gpu or numba_config.ENABLE_CUDASIM:
+        devices.append(("gpu", cuda.to_device))
+    results = []
+    for dev, move in devices:
+        for name, run, ref in cases:
+            got = run(move)
+            got = got.copy_to_host() if hasattr(got, "copy_to_host") else got
+            ok = bool(np.allclose(got, ref, rtol=2e-6, atol=1e-5))
+            err = float(np.max(np.abs(np.asarray(got, np.float64) - ref)))
+            results.append((f"{dev}: {name}", ok, f"max abs error {err:.1e}"))
+    return results
+
+
+def time_strategies(size: int, on_gpu: bool, repeat: int = 5) -> list[tuple]:
+    """Best-of-`repeat` time of a full float32 sum for reduce=0/1/2."""
+    x = np.random.default_rng().standard_normal(size).astype(np.float32)
+    if on_gpu:
+        data = cuda.to_device(x)
+
+        def run(r):
+            sk.sum(data, reduce=r)
+            cuda.synchronize()
+    else:
+        data = x
+
+        def run(r):
+            sk.sum(data, reduce=r)
+
+    rows = []
+    for r in _launch.STRATEGIES:
+        run(r)  # compile
+        best = math.inf
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run(r)
+            best = min(best, time.perf_counter() - start)
+        rows.append((r, best * 1e3, x.nbytes / best / 1e9))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m softkern", description=__doc__)
+    parser.add_argument("--size", type=int, default=None, help="elements to time")
+    args = parser.parse_args(argv)
+
+    line, on_gpu = describe_device()
+    print(f"softkern {sk.__version__} on {line}\n")
+    # The simulator runs each GPU thread as a Python thread: small blocks only.
+    block = 32 if numba_config.ENABLE_CUDASIM else None
+    results = check_examples(on_gpu, block)
+    width = max(len(name) for name, _, _ in results)
+    for name, ok, note in results:
+        print(f"  {name:<{width}}  {'ok  ' if ok else 'FAIL'}  {note}")
+    failed = [name for name, ok, _ in results if not ok]
+
+    size = args.size or (1 << 26 if on_gpu else 10_000_000)
+    where = "GPU" if on_gpu else "CPU"
+    print(f"\nfloat32 sum of {size:,} elements on the {where}, best of 5:")
+    print(f"  {'reduce':>6}  {'time (ms)':>10}  {'GB/s':>8}")
+    for r, ms, gbs in time_strategies(size, on_gpu):
+        print(f"  {r:>6}  {ms:>10.3f}  {gbs:>8.1f}")
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)}")
+        return 1
+    print("\nall examples agree with NumPy (float64)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

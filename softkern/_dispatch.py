@@ -1,0 +1,205 @@
+"""Which device an array lives on, and how to hand results back in its kind.
+
+NumPy arrays, NumPy and Python scalars and sequences run on the CPU. Anything
+that exports ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
+PyTorch CUDA tensors) and the CUDA simulator's device arrays run on the GPU.
+A GPU call returns the caller's kind of object (CuPy in, CuPy out; torch in,
+torch out) whose memory came from the caller's own allocator, and it launches
+on the caller's current stream, because PyTorch's interface carries no stream:
+launching on torch's stream orders our kernels after torch's pending work on
+the input and before torch's later work on our output, with no host sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda
+
+Device = Literal["cpu", "cuda"]
+
+SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
+_CPU_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
+ACCEPTED = (
+    "NumPy arrays, Python or NumPy scalars and sequences (CPU); Numba device "
+    "arrays, CuPy arrays, PyTorch CUDA tensors or any object with "
+    "__cuda_array_interface__ (GPU)"
+)
+
+
+def _module_of(obj: Any) -> str:
+    return type(obj).__module__.split(".", 1)[0]
+
+
+def _is_torch(obj: Any) -> bool:
+    return _module_of(obj) == "torch" and hasattr(obj, "is_cuda")
+
+
+def _is_sim_array(obj: Any) -> bool:
+    if not SIMULATOR:
+        return False
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    return isinstance(obj, FakeCUDAArray)
+
+
+def _device_of_one(obj: Any) -> Device:
+    if _is_torch(obj):
+        if obj.is_cuda:
+            return "cuda"
+        raise TypeError(
+            "softkern got a PyTorch CPU tensor; pass tensor.numpy() for the CPU "
+            f"kernels or a CUDA tensor for the GPU kernels (accepted: {ACCEPTED})"
+        )
+    if _is_sim_array(obj) or hasattr(obj, "__cuda_array_interface__"):
+        return "cuda"
+    if isinstance(obj, _CPU_TYPES):
+        return "cpu"
+    raise TypeError(f"softkern cannot use {type(obj).__name__}; accepted: {ACCEPTED}")
+
+
+def device_of(*arrays: Any) -> Device:
+    """Return "cpu" or "cuda": where the kernels for these arguments run.
+
+    Python scalars go with anything (``where(c, x, 0.0)``). Arrays on both
+    devices in one call are a TypeError naming both.
+    """
+    found: dict[Device, Any] = {}
+    for a in arrays:
+        if a is None:
+            continue
+        dev = _device_of_one(a)
+        if isinstance(a, (int, float, bool)):
+            continue
+        found.setdefault(dev, a)
+    if len(found) == 2:
+        cpu, gpu = found["cpu"], found["cuda"]
+        raise TypeError(
+            "softkern got arrays on two devices in one call: "
+            f"{type(cpu).__name__} on the CPU and {type(gpu).__name__} on the "
+            "GPU; move them to one device first"
+        )
+    return "cuda" if "cuda" in found else "cpu"
+
+
+# --- the GPU side of a call ------------------------------------------------
+
+
+@dataclass
+class GpuCall:
+    """The caller's array kind, device and stream for one GPU call."""
+
+    kind: str  # "numba", "cupy", "torch" or "sim"
+    device_id: int | None = None
+    owner: Any = field(default=None, repr=False)
+    view: Any = field(default=None, repr=False)
+
+    @property
+    def stream(self) -> Any:
+        if self.kind == "torch":
+            import torch
+
+            ptr = torch.cuda.current_stream(self.device_id).cuda_stream
+            return cuda.external_stream(ptr) if ptr else 0
+        if self.kind == "cupy":
+            import cupy
+
+            ptr = cupy.cuda.get_current_stream().ptr
+            return cuda.external_stream(ptr) if ptr else 0
+        return 0
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        if self.device_id is None or self.kind == "sim":
+            yield
+        else:
+            with cuda.gpus[self.device_id]:
+                yield
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any]:
+        """Allocate with the caller's allocator: (native object, kernel view)."""
+        if self.kind == "torch":
+            import torch
+
+            tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+            t = torch.empty(shape, dtype=tdtype, device=f"cuda:{self.device_id}")
+            return t, _view_of_cai(t)
+        if self.kind == "cupy":
+            import cupy
+
+            with cupy.cuda.Device(self.device_id):
+                c = cupy.empty(shape, dtype)
+            return c, _view_of_cai(c)
+        arr = cuda.device_array(shape, dtype)
+        return arr, arr
+
+
+def _view_of_cai(obj: Any) -> Any:
+    # We launch on the owner's stream, so the interface's stream needs no sync.
+    return cuda.as_cuda_array(obj, sync=False)
+
+
+def gpu_operand(obj: Any) -> tuple[Any, GpuCall]:
+    """A Numba (or simulator) device array viewing `obj`, and the call's kind."""
+    if _is_sim_array(obj):
+        return obj, GpuCall("sim")
+    if _is_torch(obj):
+        t = obj.detach() if obj.requires_grad else obj
+        view = _view_of_cai(t)
+        return view, GpuCall("torch", t.device.index, t, view)
+    if _module_of(obj) == "cupy":
+        view = _view_of_cai(obj)
+        return view, GpuCall("cupy", obj.device.id, obj, view)
+    if isinstance(obj, cuda.cudadrv.devicearray.DeviceNDArray):
+        return obj, GpuCall("numba")
+    return _view_of_cai(obj), GpuCall("numba")
+
+
+def strided_view(
+    arr: Any,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    *,
+    writeable: bool = False,
+) -> Any:
+    """A view of `arr`'s memory with another shape and byte strides, no copy.
+
+    Views of inputs are read-only on the CPU, so a kernel bug cannot modify a
+    caller's array; outputs ask for `writeable`.
+    """
+    if isinstance(arr, np.ndarray):
+        return np.lib.stride_tricks.as_strided(
+            arr, shape, strides, writeable=writeable
+        )
+    if _is_sim_array(arr):
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        host = np.lib.stride_tricks.as_strided(arr._ary, shape, strides)
+        return FakeCUDAArray(host)
+    cai = dict(arr.__cuda_array_interface__)
+    cai.update(shape=tuple(shape), strides=tuple(strides), version=3, stream=None)
+    return cuda.from_cuda_array_interface(cai, owner=arr, sync=False)
+
+
+def gpu_contiguous(arr: Any, call: GpuCall) -> Any:
+    """A C-contiguous device copy of a strided device array (on its device)."""
+    if _is_sim_array(arr):
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(np.ascontiguousarray(arr._ary))
+    # The owner's own copy is the best tested; it applies when `arr` is the
+    # caller's whole array rather than a view we made of it.
+    if call.kind == "torch" and arr is call.view:
+        return _view_of_cai(call.owner.contiguous())
+    if call.kind == "cupy" and arr is call.view:
+        import cupy
+
+        return _view_of_cai(cupy.ascontiguousarray(call.owner))
+    from softkern.cuda.copy import gather_contiguous
+
+    return gather_contiguous(arr, call.stream)

@@ -1,0 +1,249 @@
+"""CPU reductions that replay the GPU kernels' association order.
+
+``softkern.cuda.reduce`` fixes, for a plan and a strategy, which element is
+folded into which at every step. These @njit kernels perform the same folds
+in the same order, so float results agree with the GPU bit for bit, but
+arrange the work for a CPU: the GPU's per-thread accumulators become one
+array, and "every thread adds its next element" becomes one vector add over
+that array, which LLVM turns into SIMD code; the block folds touch only
+block-sized arrays. Work is split over CPU threads along independent
+accumulators, never along a fold, so the order stays the GPU's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from softkern.cpu.fma import fma
+from softkern.cuda.reduce import identity
+
+WARP = 32
+# Accumulators are streamed in tiles that stay in L1 while every row of x
+# passes through them: one tile per parallel work item.
+ACC_TILE_BYTES = 32 * 1024
+# Columns per work item in the column regime: a few KiB of accumulators per
+# item, enough to stream whole cache lines of every row.
+COLUMN_CHUNK = 1024
+
+
+@njit(inline="always")
+def add(a, b):
+    return a + b
+
+
+@njit(inline="always")
+def maximum(a, b):
+    return a if (a > b or a != a) else b
+
+
+@njit(inline="always")
+def minimum(a, b):
+    return a if (a < b or a != a) else b
+
+
+COMBINE = {"sum": add, "amax": maximum, "amin": minimum}
+
+
+def _acc_dtype(op: str, dtype: np.dtype) -> np.dtype:
+    if op == "sum" and dtype.kind == "i":
+        return np.dtype(np.int64)
+    return dtype
+
+
+@functools.cache
+def _folds(op: str):
+    """The block folds of ``cuda.reduce.group_reducer``, on rows of an array.
+
+    ``fold(p, strategy)`` folds the `group` = p.shape[0] rows of `p` into row
+    0, column by column, in the order the GPU strategy folds a group's
+    members (row r holds member r's value).
+    """
+    combine = COMBINE[op]
+
+    @njit
+    def fold_rows(p, lo, hi, stride):
+        for i in range(lo, hi):
+            for w in range(p.shape[1]):
+                p[i, w] = combine(p[i, w], p[i + stride, w])
+
+    @njit
+    def halving(p, first, step, count):
+        # rows first, first + step, ...: member k += member k + s, s halving
+        s = count // 2
+        while s > 0:
+            for k in range(s):
+                a = first + k * step
+                b = a + s * step
+                for w in range(p.shape[1]):
+                    p[a, w] = combine(p[a, w], p[b, w])
+            s //= 2
+
+    @njit
+    def fold(p, strategy):
+        group = p.shape[0]
+        if strategy == 0:
+            s = 1
+            while s < group:
+                for i in range(0, group, 2 * s):
+                    for w in range(p.shape[1]):
+                        p[i, w] = combine(p[i, w], p[i + s, w])
+                s *= 2
+        elif strategy == 1 or group <= WARP:
+            # Shuffles within a group of <= 32 lanes fold in halving order.
+            halving(p, 0, 1, group)
+        else:
+            for first in range(0, group, WARP):
+                halving(p, first, 1, WARP)
+            halving(p, 0, WARP, group // WARP)
+
+    return fold
+
+
+@functools.cache
+def _block_partials(op: str):
+    """Fold each block's `block` accumulators into one partial, as a block does."""
+    fold = _folds(op)
+
+    @njit
+    def partials_of(acc, grid, block, strategy):
+        partials = np.empty(grid, acc.dtype)
+        for b in range(grid):
+            p = acc[b * block : (b + 1) * block].reshape((block, 1))
+            fold(p, strategy)
+            partials[b] = p[0, 0]
+        return partials
+
+    return partials_of
+
+
+@functools.cache
+def full_stage(op: str):
+    """One launch of ``cuda.reduce.full_kernel``: the partial of every block.
+
+    Accumulator t folds x[t], x[t + S], ... as GPU thread t does. CPU threads
+    each own a slice of the accumulators and stream the rows of x through it.
+    """
+    combine = COMBINE[op]
+    partials_of = _block_partials(op)
+
+    @njit(parallel=True)
+    def stage(x, grid, block, strategy, start):
+        stride = grid * block
+        acc = np.full(stride, start)
+        n = x.size
+        rows = n // stride
+        tail = n - rows * stride
+        width = ACC_TILE_BYTES // acc.itemsize
+        for tile in prange((stride + width - 1) // width):
+            lo = tile * width
+            hi = min(lo + width, stride)
+            a = acc[lo:hi]
+            for k in range(rows):
+                xs = x[k * stride + lo : k * stride + hi]
+                for j in range(hi - lo):
+                    a[j] = combine(a[j], xs[j])
+            for j in range(lo, min(hi, tail)):
+                acc[j] = combine(acc[j], x[rows * stride + j])
+        return partials_of(acc, grid, block, strategy)
+
+    return stage
+
+
+_sum_partials = _block_partials("sum")
+
+
+@njit(parallel=True)
+def _dot_stage(x, y, grid, block, strategy, start):
+    stride = grid * block
+    acc = np.full(stride, start)
+    n = x.size
+    rows = n // stride
+    tail = n - rows * stride
+    width = ACC_TILE_BYTES // acc.itemsize
+    for tile in prange((stride + width - 1) // width):
+        lo = tile * width
+        hi = min(lo + width, stride)
+        a = acc[lo:hi]
+        for k in range(rows):
+            xs = x[k * stride + lo : k * stride + hi]
+            ys = y[k * stride + lo : k * stride + hi]
+            for j in range(hi - lo):
+                a[j] = fma(xs[j], ys[j], a[j])
+        for j in range(lo, min(hi, tail)):
+            acc[j] = fma(x[rows * stride + j], y[rows * stride + j], acc[j])
+    return _sum_partials(acc, grid, block, strategy)
+
+
+def full_reduce(op: str, x: np.ndarray, plan, strategy: int) -> np.generic:
+    """Reduce a 1-D array as the two GPU launches of a ``FullReducePlan`` do."""
+    start = identity(op, _acc_dtype(op, x.dtype))
+    partials = full_stage(op)(x, plan.grid, plan.block, strategy, start)
+    return full_stage(op)(partials, 1, plan.block, strategy, start)[0]
+
+
+def dot(x: np.ndarray, y: np.ndarray, plan, strategy: int) -> np.generic:
+    start = x.dtype.type(0)
+    partials = _dot_stage(x, y, plan.grid, plan.block, strategy, start)
+    return full_stage("sum")(partials, 1, plan.block, strategy, start)[0]
+
+
+@functools.cache
+def rows_reduce(op: str):
+    """``cuda.reduce.rows_kernel``: group member r folds x[row, r::group]."""
+    combine = COMBINE[op]
+    fold = _folds(op)
+
+    @njit(parallel=True)
+    def reduce_rows(x, out, group, strategy, start):
+        rows, n = x.shape
+        chunks = min(numba.get_num_threads(), rows)
+        for c in prange(chunks):
+            p = np.empty((group, 1), out.dtype)
+            for row in range(c * rows // chunks, (c + 1) * rows // chunks):
+                p[:, 0] = start
+                for base in range(0, n, group):
+                    for r in range(min(group, n - base)):
+                        p[r, 0] = combine(p[r, 0], x[row, base + r])
+                fold(p, strategy)
+                out[row] = p[0, 0]
+
+    return reduce_rows
+
+
+@functools.cache
+def columns_reduce(op: str):
+    """``cuda.reduce.columns_kernel``: part r of column c folds x[o, r::lanes, c]."""
+    combine = COMBINE[op]
+    fold = _folds(op)
+
+    @njit(parallel=True)
+    def reduce_columns(x, out, lanes, strategy, start):
+        outer, n, inner = x.shape
+        tiles = (inner + COLUMN_CHUNK - 1) // COLUMN_CHUNK
+        for item in prange(outer * tiles):
+            o = item // tiles
+            lo = (item % tiles) * COLUMN_CHUNK
+            width = min(COLUMN_CHUNK, inner - lo)
+            p = np.full((lanes, width), start)
+            for i in range(n):
+                r = i % lanes
+                for c in range(width):
+                    p[r, c] = combine(p[r, c], x[o, i, lo + c])
+            fold(p, strategy)
+            for c in range(width):
+                out[o, lo + c] = p[0, c]
+
+    return reduce_columns
+
+
+def reduce_dim(op: str, x: np.ndarray, out: np.ndarray, plan, strategy: int) -> None:
+    """``cuda.reduce.launch_dim`` on the CPU: same plan, same order."""
+    start = identity(op, _acc_dtype(op, x.dtype))
+    if plan.regime == "rows":
+        rows_reduce(op)(x, out, plan.group, strategy, start)
+    else:
+        columns_reduce(op)(x, out, plan.lanes, strategy, start)

@@ -173,9 +173,7 @@ def strided_view(
     caller's array; outputs ask for `writeable`.
     """
     if isinstance(arr, np.ndarray):
-        return np.lib.stride_tricks.as_strided(
-            arr, shape, strides, writeable=writeable
-        )
+        return np.lib.stride_tricks.as_strided(arr, shape, strides, writeable=writeable)
     if _is_sim_array(arr):
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 

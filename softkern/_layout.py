@@ -5,10 +5,12 @@ Pure functions on tuples, shared by both devices, so they are tested once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 from numpy.exceptions import AxisError
 
 
@@ -27,14 +29,14 @@ def normalize_dims(dim: int | Sequence[int] | None, ndim: int) -> tuple[int, ...
     bound = max(ndim, 1)
     out = []
     for d in dims:
+        if isinstance(d, (bool, np.bool_)):
+            raise TypeError(f"dim must be an int, got the bool {d!r}")
         try:
             d = operator.index(d)
         except TypeError:
             raise TypeError(
                 f"dim must be None, an int or a tuple of ints, got {dim!r}"
             ) from None
-        if isinstance(d, bool):
-            raise TypeError(f"dim must be an int, got the bool {d!r}")
         if not -bound <= d < bound:
             raise AxisError(d, bound, "dim")
         out.append(d % bound)
@@ -52,7 +54,7 @@ def reduced_shape(
 
 
 def is_consecutive(dims: tuple[int, ...]) -> bool:
-    return all(b == a + 1 for a, b in zip(dims, dims[1:]))
+    return all(b == a + 1 for a, b in itertools.pairwise(dims))
 
 
 def outer_n_inner(
@@ -84,7 +86,7 @@ def merge_strides(
         size = math.prod(shape[lo:hi])
         kept = [d for d in range(lo, hi) if shape[d] != 1]
         stride = strides[kept[-1]] if kept else itemsize
-        for a, b in zip(kept, kept[1:]):
+        for a, b in itertools.pairwise(kept):
             if strides[a] != strides[b] * shape[b]:
                 return None
         new_shape.append(size)

@@ -1,6 +1,7 @@
 """Tests for the warp-intrinsic and fma emulation of the CUDA simulator."""
 
 import math
+import threading
 import time
 from fractions import Fraction
 
@@ -30,13 +31,25 @@ def run(kernel, blocks, threads, *args):
     kernel[blocks, threads](*args)
 
 
+def _live_block_threads():
+    return {
+        thread
+        for thread in threading.enumerate()
+        if isinstance(thread, sim_kernel.BlockThread) and thread.is_alive()
+    }
+
+
 def launch_expecting_error(kernel, threads, *args, match, error=WarpSyncError):
+    earlier = _live_block_threads()
     start = time.monotonic()
-    with pytest.raises(error, match=match) as info:
+    with pytest.raises(error, match=match):
         kernel[1, threads](*args)
     elapsed = time.monotonic() - start
     assert elapsed < FAST, f"took {elapsed:.1f} s to fail"
-    return info.value
+    # The launch returns at the first error; none of its lanes may stay blocked.
+    while _live_block_threads() - earlier:
+        assert time.monotonic() - start < 2 * FAST, "simulator threads left blocked"
+        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------
@@ -85,7 +98,7 @@ def test_shfl_down_tree_reduction():
     # Lane 0 holds the warp sum; lane 31 always read its own value: 2**5 copies.
     assert out[0] == values[:32].sum() and out[32] == values[32:].sum()
     assert out[31] == 32 * values[31] and out[63] == 32 * values[63]
-    # Lane 30 added lane 31 (its own value elsewhere) at offset 1 only.
+    # Lane 30 doubled its own value four times, then added lane 31 (likewise).
     assert out[30] == 16 * values[30] + 16 * values[31]
 
 
@@ -287,14 +300,18 @@ def test_two_warps_shuffle_independently():
 def back_to_back_kernel(values, shuffled, ballots):
     lane = cuda.laneid
     v = values[lane]
+    # Nothing between the calls: the lane completing a round enters the next
+    # one while the others are still waking up to read the last.
+    history = []
     for step in range(12):
-        # Stagger the lanes so fast ones enter the next round while slow ones
-        # are still reading the last.
         if (lane + step) % 5 == 0:
-            time.sleep(0.002)
+            time.sleep(0.002)  # stagger arrivals too
         v = cuda.shfl_sync(FULL, v, lane + 1)
-        shuffled[step, lane] = v
-        ballots[step, lane] = cuda.ballot_sync(FULL, v % 3 == 0)
+        history.append(v)
+    votes = [cuda.ballot_sync(FULL, (lane + step) % 3 == 0) for step in range(12)]
+    for step in range(12):
+        shuffled[step, lane] = history[step]
+        ballots[step, lane] = votes[step]
 
 
 def test_back_to_back_rounds_do_not_mix():
@@ -303,9 +320,8 @@ def test_back_to_back_rounds_do_not_mix():
     ballots = np.zeros((12, 32), dtype=np.int64)
     run(back_to_back_kernel, 1, 32, values, shuffled, ballots)
     for step in range(12):
-        rotated = np.roll(values, -(step + 1))
-        np.testing.assert_array_equal(shuffled[step], rotated)
-        bits = sum(1 << lane for lane in range(32) if rotated[lane] % 3 == 0)
+        np.testing.assert_array_equal(shuffled[step], np.roll(values, -(step + 1)))
+        bits = sum(1 << lane for lane in range(32) if (lane + step) % 3 == 0)
         np.testing.assert_array_equal(ballots[step], bits)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -22,27 +21,30 @@ from softkern.cpu.fma import fma
 from softkern.cuda.reduce import identity
 
 WARP = 32
-# Accumulators are streamed in tiles that stay in L1 while every row of x
+# Accumulators are streamed in tiles that stay in L2 while every row of x
 # passes through them: one tile per parallel work item.
-ACC_TILE_BYTES = 32 * 1024
+ACC_TILE_BYTES = 128 * 1024
+# Row regime work items: enough for any core count; each reuses one scratch.
+ROW_CHUNKS = 256
 # Columns per work item in the column regime: a few KiB of accumulators per
 # item, enough to stream whole cache lines of every row.
 COLUMN_CHUNK = 1024
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def add(a, b):
     return a + b
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def maximum(a, b):
-    return a if (a > b or a != a) else b
+    # `|`, not `or`: no branch, so LLVM turns the loop into vector selects.
+    return a if (a > b) | (a != a) else b
 
 
-@njit(inline="always")
+@njit(inline="always", cache=True)
 def minimum(a, b):
-    return a if (a < b or a != a) else b
+    return a if (a < b) | (a != a) else b
 
 
 COMBINE = {"sum": add, "amax": maximum, "amin": minimum}
@@ -56,65 +58,79 @@ def _acc_dtype(op: str, dtype: np.dtype) -> np.dtype:
 
 @functools.cache
 def _folds(op: str):
-    """The block folds of ``cuda.reduce.group_reducer``, on rows of an array.
+    """The block folds of ``cuda.reduce.group_reducer``, replayed on arrays.
 
-    ``fold(p, strategy)`` folds the `group` = p.shape[0] rows of `p` into row
-    0, column by column, in the order the GPU strategy folds a group's
-    members (row r holds member r's value).
+    ``fold_vector(p, strategy)`` folds the members p[0], ..., p[group-1] of
+    one group (pitch 1: a row, or a whole block) into p[0]. ``fold_columns(p,
+    strategy)`` folds the rows of p[group, width] into row 0, column by column
+    (pitch 32: a column tile, group <= 32). Both combine the same members at
+    the same step as the GPU strategy; loops run over contiguous memory so
+    that LLVM can vectorise them.
     """
     combine = COMBINE[op]
 
-    @njit
-    def fold_rows(p, lo, hi, stride):
-        for i in range(lo, hi):
-            for w in range(p.shape[1]):
-                p[i, w] = combine(p[i, w], p[i + stride, w])
-
-    @njit
+    @njit(cache=True)
     def halving(p, first, step, count):
-        # rows first, first + step, ...: member k += member k + s, s halving
+        # members first + k*step, k < count: member k folds in member k + s
         s = count // 2
         while s > 0:
             for k in range(s):
                 a = first + k * step
-                b = a + s * step
-                for w in range(p.shape[1]):
-                    p[a, w] = combine(p[a, w], p[b, w])
+                p[a] = combine(p[a], p[a + s * step])
             s //= 2
 
-    @njit
-    def fold(p, strategy):
-        group = p.shape[0]
+    @njit(cache=True)
+    def fold_vector(p, strategy):
+        group = p.size
         if strategy == 0:
             s = 1
             while s < group:
-                for i in range(0, group, 2 * s):
-                    for w in range(p.shape[1]):
-                        p[i, w] = combine(p[i, w], p[i + s, w])
+                for i in range(0, group - s, 2 * s):
+                    p[i] = combine(p[i], p[i + s])
                 s *= 2
         elif strategy == 1 or group <= WARP:
-            # Shuffles within a group of <= 32 lanes fold in halving order.
+            # Shuffles inside a group of <= 32 lanes fold in halving order.
             halving(p, 0, 1, group)
         else:
             for first in range(0, group, WARP):
                 halving(p, first, 1, WARP)
             halving(p, 0, WARP, group // WARP)
 
-    return fold
+    @njit(cache=True)
+    def fold_columns(p, strategy):
+        group, width = p.shape
+        if strategy == 0:
+            s = 1
+            while s < group:
+                for i in range(0, group - s, 2 * s):
+                    for w in range(width):
+                        p[i, w] = combine(p[i, w], p[i + s, w])
+                s *= 2
+        else:
+            # Strategy 2 on a column tile shuffles inside groups of <= 32
+            # lanes: halving order, like strategy 1.
+            s = group // 2
+            while s > 0:
+                for i in range(s):
+                    for w in range(width):
+                        p[i, w] = combine(p[i, w], p[i + s, w])
+                s //= 2
+
+    return fold_vector, fold_columns
 
 
 @functools.cache
 def _block_partials(op: str):
     """Fold each block's `block` accumulators into one partial, as a block does."""
-    fold = _folds(op)
+    fold_vector = _folds(op)[0]
 
-    @njit
+    @njit(parallel=True, cache=True)
     def partials_of(acc, grid, block, strategy):
         partials = np.empty(grid, acc.dtype)
-        for b in range(grid):
-            p = acc[b * block : (b + 1) * block].reshape((block, 1))
-            fold(p, strategy)
-            partials[b] = p[0, 0]
+        for b in prange(grid):
+            p = acc[b * block : (b + 1) * block]
+            fold_vector(p, strategy)
+            partials[b] = p[0]
         return partials
 
     return partials_of
@@ -130,7 +146,7 @@ def full_stage(op: str):
     combine = COMBINE[op]
     partials_of = _block_partials(op)
 
-    @njit(parallel=True)
+    @njit(parallel=True, cache=True)
     def stage(x, grid, block, strategy, start):
         stride = grid * block
         acc = np.full(stride, start)
@@ -156,7 +172,7 @@ def full_stage(op: str):
 _sum_partials = _block_partials("sum")
 
 
-@njit(parallel=True)
+@njit(parallel=True, cache=True)
 def _dot_stage(x, y, grid, block, strategy, start):
     stride = grid * block
     acc = np.full(stride, start)
@@ -182,12 +198,15 @@ def full_reduce(op: str, x: np.ndarray, plan, strategy: int) -> np.generic:
     """Reduce a 1-D array as the two GPU launches of a ``FullReducePlan`` do."""
     start = identity(op, _acc_dtype(op, x.dtype))
     partials = full_stage(op)(x, plan.grid, plan.block, strategy, start)
+    # Read-only like every kernel input, so both stages share one compilation.
+    partials.flags.writeable = False
     return full_stage(op)(partials, 1, plan.block, strategy, start)[0]
 
 
 def dot(x: np.ndarray, y: np.ndarray, plan, strategy: int) -> np.generic:
     start = x.dtype.type(0)
     partials = _dot_stage(x, y, plan.grid, plan.block, strategy, start)
+    partials.flags.writeable = False
     return full_stage("sum")(partials, 1, plan.block, strategy, start)[0]
 
 
@@ -195,21 +214,21 @@ def dot(x: np.ndarray, y: np.ndarray, plan, strategy: int) -> np.generic:
 def rows_reduce(op: str):
     """``cuda.reduce.rows_kernel``: group member r folds x[row, r::group]."""
     combine = COMBINE[op]
-    fold = _folds(op)
+    fold_vector = _folds(op)[0]
 
-    @njit(parallel=True)
+    @njit(parallel=True, cache=True)
     def reduce_rows(x, out, group, strategy, start):
         rows, n = x.shape
-        chunks = min(numba.get_num_threads(), rows)
+        chunks = min(ROW_CHUNKS, rows)
         for c in prange(chunks):
-            p = np.empty((group, 1), out.dtype)
+            p = np.empty(group, out.dtype)
             for row in range(c * rows // chunks, (c + 1) * rows // chunks):
-                p[:, 0] = start
+                p[:] = start
                 for base in range(0, n, group):
                     for r in range(min(group, n - base)):
-                        p[r, 0] = combine(p[r, 0], x[row, base + r])
-                fold(p, strategy)
-                out[row] = p[0, 0]
+                        p[r] = combine(p[r], x[row, base + r])
+                fold_vector(p, strategy)
+                out[row] = p[0]
 
     return reduce_rows
 
@@ -218,9 +237,9 @@ def rows_reduce(op: str):
 def columns_reduce(op: str):
     """``cuda.reduce.columns_kernel``: part r of column c folds x[o, r::lanes, c]."""
     combine = COMBINE[op]
-    fold = _folds(op)
+    fold_columns = _folds(op)[1]
 
-    @njit(parallel=True)
+    @njit(parallel=True, cache=True)
     def reduce_columns(x, out, lanes, strategy, start):
         outer, n, inner = x.shape
         tiles = (inner + COLUMN_CHUNK - 1) // COLUMN_CHUNK
@@ -233,7 +252,7 @@ def columns_reduce(op: str):
                 r = i % lanes
                 for c in range(width):
                     p[r, c] = combine(p[r, c], x[o, i, lo + c])
-            fold(p, strategy)
+            fold_columns(p, strategy)
             for c in range(width):
                 out[o, lo + c] = p[0, c]
 

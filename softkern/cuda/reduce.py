@@ -32,12 +32,12 @@ def add(a, b):
 @cuda.jit(device=True, inline=True)
 def maximum(a, b):
     # `a != a` is the NaN test: a NaN on either side wins, as in torch.amax.
-    return a if (a > b or a != a) else b
+    return a if (a > b) | (a != a) else b
 
 
 @cuda.jit(device=True, inline=True)
 def minimum(a, b):
-    return a if (a < b or a != a) else b
+    return a if (a < b) | (a != a) else b
 
 
 COMBINE = {"sum": add, "amax": maximum, "amin": minimum}
@@ -287,7 +287,9 @@ def dot_kernel(strategy: int, block: int, dtype):
             b2 = y[i + 2 * stride]
             a3 = x[i + 3 * stride]
             b3 = y[i + 3 * stride]
-            acc = cuda.fma(a3, b3, cuda.fma(a2, b2, cuda.fma(a1, b1, cuda.fma(a0, b0, acc))))
+            acc = cuda.fma(
+                a3, b3, cuda.fma(a2, b2, cuda.fma(a1, b1, cuda.fma(a0, b0, acc)))
+            )
             i += 4 * stride
         while i < n:
             acc = cuda.fma(x[i], y[i], acc)

@@ -116,7 +116,9 @@ def _reduce(
     else:
         # Reduced dims apart: put them last (a strided view), then merge.
         order = kept + list(dims)
-        x3 = a.view([(0, len(kept)), (len(kept), ndim), (ndim, ndim)], a.permuted(order))
+        x3 = a.view(
+            [(0, len(kept)), (len(kept), ndim), (ndim, ndim)], a.permuted(order)
+        )
     outer, n, inner = x3.shape
     plan = _launch.dim_reduce_plan(outer, n, inner, block)
     if plan.regime == "rows":
@@ -206,9 +208,7 @@ def dot(x: Any, y: Any, *, reduce: int = 2, block: int | None = None) -> Any:
     for v in (a, b):
         v.check_dtype(DOT_DTYPES, "softkern.dot")
         if len(v.shape) != 1:
-            raise ValueError(
-                f"softkern.dot: {v.name} must be 1-D, got shape {v.shape}"
-            )
+            raise ValueError(f"softkern.dot: {v.name} must be 1-D, got shape {v.shape}")
     if a.dtype != b.dtype:
         raise TypeError(
             f"softkern.dot: x and y must have one dtype, got {a.dtype} and {b.dtype}"
@@ -221,13 +221,14 @@ def dot(x: Any, y: Any, *, reduce: int = 2, block: int | None = None) -> Any:
     native, out = a.empty((), a.dtype)
     kout = _flat(out)
     plan = _launch.full_reduce_plan(a.shape[0], block)
+    x1, y1 = a.view([(0, 1)]), b.view([(0, 1)])
     if a.call is None:
-        kout[0] = cpu_reduce.dot(a.array, b.array, plan, strategy)
+        kout[0] = cpu_reduce.dot(x1, y1, plan, strategy)
         return native
     with a.call.on_device():
         cuda_reduce.launch_dot(
-            a.array,
-            b.array,
+            x1,
+            y1,
             kout,
             plan,
             strategy,

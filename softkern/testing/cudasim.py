@@ -22,11 +22,15 @@ never arrive: lanes that have exited (returned early or raised), lanes held in
 ``syncthreads`` (which cannot release while a waiting lane is outside it), and
 lanes stuck in another round that can itself never complete (the same mask
 called with two different intrinsics, or overlapping masks waiting on each
-other). All of these raise at once with the intrinsic, mask, warp and lanes in
-the message, and a generous timeout catches anything else. To tell lanes apart
-the emulation registers every simulator thread with its block as it is created
-and notes when it exits; per-block state lives on the simulator's
+other). These raise within a fraction of a second, naming the intrinsic, mask,
+warp and lanes, and a generous timeout catches anything else. To tell lanes
+apart the emulation registers every simulator thread with its block as it is
+created and notes when it exits; per-block state lives on the simulator's
 ``BlockManager``, so nothing leaks from one block or launch into the next.
+
+What is undefined on a GPU is an error here, because there it yields garbage
+instead of failing: a mask that leaves out the calling lane or names lanes the
+block does not have, and a shuffle that reads a lane outside its mask.
 
 The simulator evaluates ``cuda.fma(a, b, c)`` as ``a * b + c``, which rounds
 twice and differs from ``fma.rn`` in exactly the cases where kernels use fma on
@@ -437,6 +441,7 @@ def _eq_sync(self: Any, mask: int, predicate: Any) -> bool:
 
 
 def _ballot_sync(self: Any, mask: int, predicate: Any) -> np.uint32:
+    # Unsigned, as in CUDA C; compiled Numba kernels type the result as int32.
     caller = _caller("ballot_sync", mask)
     values = _arrive(caller, bool(predicate)).values
     return np.uint32(sum(1 << lane for lane, bit in values.items() if bit))

@@ -140,6 +140,7 @@ def group_reducer(op: str, strategy: int, group: int, pitch: int, block: int, dt
 
     if pitch == 1:
         warps_per_group = group // WARP
+        warps_per_block = block // WARP  # a constant: shared sizes must be
 
         @cuda.jit(device=True)
         def fold_shuffle(value):
@@ -147,7 +148,7 @@ def group_reducer(op: str, strategy: int, group: int, pitch: int, block: int, dt
             with shfl_down 16, 8, 4, 2, 1; lane 0 writes the warp's value to
             shared memory; the first warp of each group loads those and folds
             them with shfl_down again."""
-            warp_values = cuda.shared.array(block // WARP, nbtype)
+            warp_values = cuda.shared.array(warps_per_block, nbtype)
             tid = cuda.threadIdx.x
             lane = tid % WARP
             warp = tid // WARP
@@ -427,3 +428,55 @@ def launch_dim(op, x, out, plan, strategy, stream):
     else:
         kernel = columns_kernel(op, strategy, plan.block, dtype)
     kernel[plan.grid, plan.block, stream](x, out)
+
+
+# --- catalogue for compile checks -------------------------------------------
+
+REDUCE_DTYPES = ("float32", "float64", "int32", "int64")
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def ptx_cases(block: int = 256):
+    """Every kernel of this module with the argument types it is launched with.
+
+    Yields (name, kernel, argtypes, dtype, strategy) for each supported dtype,
+    strategy and regime, so tests can compile each one for real with
+    ``numba.cuda.compile_ptx`` (no GPU needed) and inspect the PTX.
+    """
+    for name in REDUCE_DTYPES:
+        dtype = np.dtype(name)
+        t = from_dtype(dtype)
+        acc = from_dtype(_acc_type("sum", dtype))
+        for strategy in (0, 1, 2):
+            for op in ("sum", "amax", "amin"):
+                out = acc if op == "sum" else t
+                yield (
+                    f"full/{op}/{name}/r{strategy}",
+                    full_kernel(op, strategy, block, dtype),
+                    (t[:], out[::1]),
+                    name,
+                    strategy,
+                )
+                for group in (8, WARP, block):
+                    yield (
+                        f"rows{group}/{op}/{name}/r{strategy}",
+                        rows_kernel(op, strategy, group, block, dtype),
+                        (t[:, :], out[::1]),
+                        name,
+                        strategy,
+                    )
+                yield (
+                    f"columns/{op}/{name}/r{strategy}",
+                    columns_kernel(op, strategy, block, dtype),
+                    (t[:, :, :], out[:, :]),
+                    name,
+                    strategy,
+                )
+            if name in FLOAT_DTYPES:
+                yield (
+                    f"dot/{name}/r{strategy}",
+                    dot_kernel(strategy, block, dtype),
+                    (t[:], t[:], t[::1]),
+                    name,
+                    strategy,
+                )

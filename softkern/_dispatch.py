@@ -13,6 +13,7 @@ the input and before torch's later work on our output, with no host sync.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -135,8 +136,43 @@ class GpuCall:
             with cupy.cuda.Device(self.device_id):
                 c = cupy.empty(shape, dtype)
             return c, _view_of_cai(c)
-        arr = cuda.device_array(shape, dtype)
+        if shape == ():
+            arr = _device_scalar_class()(dtype)
+        else:
+            arr = cuda.device_array(shape, dtype)
         return arr, arr
+
+
+def _scalar_conversions(cls):
+    """Add float()/int()/bool() to a 0-d device array class, as torch and CuPy
+    scalars have; each is a (synchronizing) copy of one value to the host."""
+
+    class DeviceScalar(cls):
+        def __float__(self):
+            return float(self.copy_to_host())
+
+        def __int__(self):
+            return int(self.copy_to_host())
+
+        def __bool__(self):
+            return bool(self.copy_to_host())
+
+    DeviceScalar.__name__ = DeviceScalar.__qualname__ = f"{cls.__name__}Scalar"
+    return DeviceScalar
+
+
+@functools.cache
+def _device_scalar_class():
+    """A 0-d Numba device array (or simulator array) that float() accepts."""
+    if SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        scalar = _scalar_conversions(FakeCUDAArray)
+        return lambda dtype: scalar(np.empty((), dtype))
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    scalar = _scalar_conversions(DeviceNDArray)
+    return lambda dtype: scalar(shape=(), strides=(), dtype=dtype)
 
 
 def _view_of_cai(obj: Any) -> Any:

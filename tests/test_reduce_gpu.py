@@ -105,6 +105,8 @@ def test_result_stays_on_gpu_with_the_inputs_kind(rng):
     assert sk.device_of(full) == "cuda"
     assert full.shape == ()
     assert float(to_host(full)) == float(sk.sum(x, block=SMALL))
+    assert float(full) == float(sk.sum(x, block=SMALL))  # a 0-d GPU result
+    assert int(sk.sum(to_gpu(np.arange(5)), block=SMALL)) == 10
     kept = sk.amax(dx, 1, keepdim=True, block=SMALL)
     assert sk.device_of(kept) == "cuda" and kept.shape == (4, 1)
 

@@ -120,70 +120,76 @@ def _folds(op: str):
 
 
 @functools.cache
-def _block_partials(op: str):
-    """Fold each block's `block` accumulators into one partial, as a block does."""
+def _tile_partials(op: str):
+    """Fold the blocks whose accumulators lie in acc[lo:hi] into their
+    partials, as each block does, while that tile is still in cache."""
     fold_vector = _folds(op)[0]
 
-    @njit(parallel=True, cache=True)
-    def partials_of(acc, grid, block, strategy):
-        partials = np.empty(grid, acc.dtype)
-        for b in prange(grid):
+    @njit(cache=True)
+    def fold_tile(acc, lo, hi, block, strategy, partials):
+        for b in range(lo // block, hi // block):
             p = acc[b * block : (b + 1) * block]
             fold_vector(p, strategy)
             partials[b] = p[0]
-        return partials
 
-    return partials_of
+    return fold_tile
 
 
 @functools.cache
 def full_stage(op: str):
     """One launch of ``cuda.reduce.full_kernel``: the partial of every block.
 
-    Accumulator t folds x[t], x[t + S], ... as GPU thread t does. CPU threads
-    each own a slice of the accumulators and stream the rows of x through it.
+    Accumulator t folds x[t], x[t + S], ... as GPU thread t does. Each CPU
+    work item owns a tile of accumulators (whole blocks), streams the rows of
+    x through it, then folds its blocks.
     """
     combine = COMBINE[op]
-    partials_of = _block_partials(op)
+    fold_tile = _tile_partials(op)
 
     @njit(parallel=True, cache=True)
     def stage(x, grid, block, strategy, start):
         stride = grid * block
-        acc = np.full(stride, start)
+        acc = np.empty(stride, type(start))
+        partials = np.empty(grid, type(start))
         n = x.size
         rows = n // stride
         tail = n - rows * stride
-        width = ACC_TILE_BYTES // acc.itemsize
+        width = max(block, ACC_TILE_BYTES // acc.itemsize)  # whole blocks
         for tile in prange((stride + width - 1) // width):
             lo = tile * width
             hi = min(lo + width, stride)
             a = acc[lo:hi]
+            a[:] = start
             for k in range(rows):
                 xs = x[k * stride + lo : k * stride + hi]
                 for j in range(hi - lo):
                     a[j] = combine(a[j], xs[j])
             for j in range(lo, min(hi, tail)):
                 acc[j] = combine(acc[j], x[rows * stride + j])
-        return partials_of(acc, grid, block, strategy)
+            fold_tile(acc, lo, hi, block, strategy, partials)
+        return partials
 
     return stage
 
 
-_sum_partials = _block_partials("sum")
+_fold_sum_tile = _tile_partials("sum")
 
 
 @njit(parallel=True, cache=True)
 def _dot_stage(x, y, grid, block, strategy, start):
+    """``cuda.reduce.dot_kernel``: as ``full_stage("sum")``, with fma."""
     stride = grid * block
-    acc = np.full(stride, start)
+    acc = np.empty(stride, type(start))
+    partials = np.empty(grid, type(start))
     n = x.size
     rows = n // stride
     tail = n - rows * stride
-    width = ACC_TILE_BYTES // acc.itemsize
+    width = max(block, ACC_TILE_BYTES // acc.itemsize)
     for tile in prange((stride + width - 1) // width):
         lo = tile * width
         hi = min(lo + width, stride)
         a = acc[lo:hi]
+        a[:] = start
         for k in range(rows):
             xs = x[k * stride + lo : k * stride + hi]
             ys = y[k * stride + lo : k * stride + hi]
@@ -191,7 +197,8 @@ def _dot_stage(x, y, grid, block, strategy, start):
                 a[j] = fma(xs[j], ys[j], a[j])
         for j in range(lo, min(hi, tail)):
             acc[j] = fma(x[rows * stride + j], y[rows * stride + j], acc[j])
-    return _sum_partials(acc, grid, block, strategy)
+        _fold_sum_tile(acc, lo, hi, block, strategy, partials)
+    return partials
 
 
 def full_reduce(op: str, x: np.ndarray, plan, strategy: int) -> np.generic:

@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from numba import config
 
     if config.ENABLE_CUDASIM:
-        print(
-            json.dumps({"unavailable": "NUMBA_ENABLE_CUDASIM is on: no compile_ptx"})
-        )
+        print(json.dumps({"unavailable": "NUMBA_ENABLE_CUDASIM is on: no compile_ptx"}))
         return 0
     reason = _unavailable(cc)
     if reason is not None:

@@ -167,17 +167,15 @@ def _use_target_cc(cc: tuple[int, int]) -> None:
 
     numba-cuda compiles a ``@cuda.jit(device=True)`` function for
     ``get_current_device().compute_capability``, which needs a CUDA driver;
-    without a GPU that raises even under ``compile_ptx``. With no GPU, the
-    device functions are compiled for the target cc instead, which is what
-    compile_ptx would do for the kernel itself. With a GPU nothing changes,
-    since the real device answers (and a test on such a machine wants it to).
+    without a GPU that raises even under ``compile_ptx``. Device functions are
+    compiled for the target cc instead, which is what compile_ptx does for the
+    kernel itself; on a GPU machine too, where the real device would otherwise
+    impose its own cc on the device functions of a cc 8.0 check.
     """
-    from numba import cuda
     from numba.cuda import dispatcher
 
-    if not cuda.is_available():
-        target = types.SimpleNamespace(compute_capability=cc)
-        dispatcher.get_current_device = lambda: target
+    target = types.SimpleNamespace(compute_capability=cc)
+    dispatcher.get_current_device = lambda: target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,14 @@ import softkern  # noqa: F401  (installs the warp emulation in the simulator)
 from softkern import _launch
 from softkern.ops import reduce as ops_reduce
 
-SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
-# The simulator runs a Python thread per CUDA thread: keep its blocks small.
-GPU_BLOCKS = (32, 64) if SIMULATOR else (256, 1024)
-
 
 def pytest_report_header(config):
-    mode = "CUDA simulator" if SIMULATOR else "real GPU"
+    if numba_config.ENABLE_CUDASIM:
+        mode = "the CUDA simulator"
+    elif cuda.is_available():
+        mode = "a real GPU"
+    else:
+        mode = "nothing (no GPU found and NUMBA_ENABLE_CUDASIM=0): GPU tests fail"
     return f"softkern GPU kernels run on: {mode}"
 
 
@@ -64,11 +65,3 @@ def nan_filled_outputs(monkeypatch):
         return native, view
 
     monkeypatch.setattr(ops_reduce._Operand, "empty", empty)
-
-
-def to_gpu(a: np.ndarray):
-    return cuda.to_device(np.ascontiguousarray(a))
-
-
-def to_host(a) -> np.ndarray:
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import to_gpu
+from helpers import to_gpu
 
 import softkern as sk
 

@@ -8,7 +8,7 @@ blocks to reach grid-stride loops with few elements.
 
 import numpy as np
 import pytest
-from conftest import GPU_BLOCKS, SIMULATOR, to_gpu, to_host
+from helpers import GPU_BLOCKS, SIMULATOR, to_gpu, to_host
 from numba import cuda
 
 import softkern as sk

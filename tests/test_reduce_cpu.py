@@ -229,3 +229,27 @@ def test_strategies_differ_only_in_order(rng):
     for r, value in results.items():
         assert float(sk.sum(x, reduce=r)) == value
         assert math.isclose(value, float(np.sum(x, dtype=np.float64)), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 17])
+def test_cpu_stage_keeps_each_threads_order(rng, rows):
+    # A NumPy model of stage 1 with reduce=1: accumulator t adds x[t + k*S]
+    # for k = 0, 1, ... in order (elementwise float32 adds are exact IEEE
+    # operations), then each block halves. Every partial must match bit for
+    # bit, so an unrolled CPU loop that reorders a single add is caught.
+    from softkern.cpu.reduce import full_stage
+
+    grid, block = 8, 32
+    stride = grid * block
+    x = rng.standard_normal(rows * stride + 7).astype(np.float32)
+    acc = np.zeros(stride, np.float32)
+    for k in range(rows):
+        acc += x[k * stride : (k + 1) * stride]
+    acc[:7] += x[rows * stride :]
+    parts = acc.reshape(grid, block)
+    s = block // 2
+    while s:
+        parts[:, :s] += parts[:, s : 2 * s]
+        s //= 2
+    got = full_stage("sum")(x, grid, block, 1, np.float32(0))
+    assert got.tobytes() == parts[:, 0].tobytes()

@@ -32,6 +32,7 @@ def sizes_for(block):
         block,
         block + 1,
         3 * grid_span + 5,  # several grid strides, a ragged tail
+        17 * grid_span + 7,  # the CPU's four-rows-per-pass loop, then single rows
     ]
 
 

@@ -146,97 +146,132 @@ def full_stage(op: str):
     combine = COMBINE[op]
     fold_tile = _tile_partials(op)
 
+    @njit(cache=True)
+    def accumulate(x, acc, lo, hi, start):
+        stride = acc.size
+        rows = x.size // stride
+        tail = x.size - rows * stride
+        a = acc[lo:hi]
+        a[:] = start
+        # Four rows per pass, like the GPU's four loads in flight: the folds
+        # stay in row order, and the accumulators are touched 4x less.
+        k = 0
+        while k + 4 <= rows:
+            x0 = x[k * stride + lo : k * stride + hi]
+            x1 = x[(k + 1) * stride + lo : (k + 1) * stride + hi]
+            x2 = x[(k + 2) * stride + lo : (k + 2) * stride + hi]
+            x3 = x[(k + 3) * stride + lo : (k + 3) * stride + hi]
+            for j in range(hi - lo):
+                a[j] = combine(
+                    combine(combine(combine(a[j], x0[j]), x1[j]), x2[j]), x3[j]
+                )
+            k += 4
+        for row in range(k, rows):
+            xs = x[row * stride + lo : row * stride + hi]
+            for j in range(hi - lo):
+                a[j] = combine(a[j], xs[j])
+        for j in range(lo, min(hi, tail)):
+            acc[j] = combine(acc[j], x[rows * stride + j])
+
     @njit(parallel=True, cache=True)
-    def stage(x, grid, block, strategy, start):
-        stride = grid * block
-        acc = np.empty(stride, type(start))
-        partials = np.empty(grid, type(start))
-        n = x.size
-        rows = n // stride
-        tail = n - rows * stride
-        width = max(block, ACC_TILE_BYTES // acc.itemsize)  # whole blocks
-        for tile in prange((stride + width - 1) // width):
+    def tiles_in_parallel(x, acc, partials, width, block, strategy, start):
+        for tile in prange((acc.size + width - 1) // width):
             lo = tile * width
-            hi = min(lo + width, stride)
-            a = acc[lo:hi]
-            a[:] = start
-            # Four rows per pass, like the GPU's four loads in flight: the
-            # folds stay in row order, the accumulators are touched 4x less.
-            k = 0
-            while k + 4 <= rows:
-                x0 = x[k * stride + lo : k * stride + hi]
-                x1 = x[(k + 1) * stride + lo : (k + 1) * stride + hi]
-                x2 = x[(k + 2) * stride + lo : (k + 2) * stride + hi]
-                x3 = x[(k + 3) * stride + lo : (k + 3) * stride + hi]
-                for j in range(hi - lo):
-                    a[j] = combine(
-                        combine(combine(combine(a[j], x0[j]), x1[j]), x2[j]), x3[j]
-                    )
-                k += 4
-            for row in range(k, rows):
-                xs = x[row * stride + lo : row * stride + hi]
-                for j in range(hi - lo):
-                    a[j] = combine(a[j], xs[j])
-            for j in range(lo, min(hi, tail)):
-                acc[j] = combine(acc[j], x[rows * stride + j])
+            hi = min(lo + width, acc.size)
+            accumulate(x, acc, lo, hi, start)
             fold_tile(acc, lo, hi, block, strategy, partials)
+
+    @njit(cache=True)
+    def stage(x, grid, block, strategy, start):
+        acc = np.empty(grid * block, type(start))
+        partials = np.empty(grid, type(start))
+        width = max(block, ACC_TILE_BYTES // acc.itemsize)  # whole blocks
+        if acc.size <= width:
+            # One tile: starting CPU threads would cost more than it saves.
+            accumulate(x, acc, 0, acc.size, start)
+            fold_tile(acc, 0, acc.size, block, strategy, partials)
+        else:
+            tiles_in_parallel(x, acc, partials, width, block, strategy, start)
         return partials
 
     return stage
 
 
+@functools.cache
+def full_reducer(op: str):
+    """Both launches of a ``FullReducePlan`` (stage 2: one block over the
+    partials), in one call."""
+    stage = full_stage(op)
+
+    @njit(cache=True)
+    def reduce_all(x, grid, block, strategy, start):
+        partials = stage(x, grid, block, strategy, start)
+        return stage(partials, 1, block, strategy, start)[0]
+
+    return reduce_all
+
+
 _fold_sum_tile = _tile_partials("sum")
+_sum_stage = full_stage("sum")
+
+
+@njit(cache=True)
+def _dot_accumulate(x, y, acc, lo, hi, start):
+    stride = acc.size
+    rows = x.size // stride
+    tail = x.size - rows * stride
+    a = acc[lo:hi]
+    a[:] = start
+    k = 0
+    while k + 2 <= rows:  # two rows per pass: four streams, as in full_stage
+        x0 = x[k * stride + lo : k * stride + hi]
+        y0 = y[k * stride + lo : k * stride + hi]
+        x1 = x[(k + 1) * stride + lo : (k + 1) * stride + hi]
+        y1 = y[(k + 1) * stride + lo : (k + 1) * stride + hi]
+        for j in range(hi - lo):
+            a[j] = fma(x1[j], y1[j], fma(x0[j], y0[j], a[j]))
+        k += 2
+    for row in range(k, rows):
+        xs = x[row * stride + lo : row * stride + hi]
+        ys = y[row * stride + lo : row * stride + hi]
+        for j in range(hi - lo):
+            a[j] = fma(xs[j], ys[j], a[j])
+    for j in range(lo, min(hi, tail)):
+        acc[j] = fma(x[rows * stride + j], y[rows * stride + j], acc[j])
 
 
 @njit(parallel=True, cache=True)
-def _dot_stage(x, y, grid, block, strategy, start):
-    """``cuda.reduce.dot_kernel``: as ``full_stage("sum")``, with fma."""
-    stride = grid * block
-    acc = np.empty(stride, type(start))
-    partials = np.empty(grid, type(start))
-    n = x.size
-    rows = n // stride
-    tail = n - rows * stride
-    width = max(block, ACC_TILE_BYTES // acc.itemsize)
-    for tile in prange((stride + width - 1) // width):
+def _dot_tiles_in_parallel(x, y, acc, partials, width, block, strategy, start):
+    for tile in prange((acc.size + width - 1) // width):
         lo = tile * width
-        hi = min(lo + width, stride)
-        a = acc[lo:hi]
-        a[:] = start
-        k = 0
-        while k + 2 <= rows:  # two rows per pass: four streams, as in full_stage
-            x0 = x[k * stride + lo : k * stride + hi]
-            y0 = y[k * stride + lo : k * stride + hi]
-            x1 = x[(k + 1) * stride + lo : (k + 1) * stride + hi]
-            y1 = y[(k + 1) * stride + lo : (k + 1) * stride + hi]
-            for j in range(hi - lo):
-                a[j] = fma(x1[j], y1[j], fma(x0[j], y0[j], a[j]))
-            k += 2
-        for row in range(k, rows):
-            xs = x[row * stride + lo : row * stride + hi]
-            ys = y[row * stride + lo : row * stride + hi]
-            for j in range(hi - lo):
-                a[j] = fma(xs[j], ys[j], a[j])
-        for j in range(lo, min(hi, tail)):
-            acc[j] = fma(x[rows * stride + j], y[rows * stride + j], acc[j])
+        hi = min(lo + width, acc.size)
+        _dot_accumulate(x, y, acc, lo, hi, start)
         _fold_sum_tile(acc, lo, hi, block, strategy, partials)
-    return partials
+
+
+@njit(cache=True)
+def _dot_all(x, y, grid, block, strategy, start):
+    """``cuda.reduce.dot_kernel`` (fma per element), then stage 2 as a sum."""
+    acc = np.empty(grid * block, type(start))
+    partials = np.empty(grid, type(start))
+    width = max(block, ACC_TILE_BYTES // acc.itemsize)
+    if acc.size <= width:
+        _dot_accumulate(x, y, acc, 0, acc.size, start)
+        _fold_sum_tile(acc, 0, acc.size, block, strategy, partials)
+    else:
+        _dot_tiles_in_parallel(x, y, acc, partials, width, block, strategy, start)
+    return _sum_stage(partials, 1, block, strategy, start)[0]
 
 
 def full_reduce(op: str, x: np.ndarray, plan, strategy: int) -> np.generic:
     """Reduce a 1-D array as the two GPU launches of a ``FullReducePlan`` do."""
     start = identity(op, _acc_dtype(op, x.dtype))
-    partials = full_stage(op)(x, plan.grid, plan.block, strategy, start)
-    # Read-only like every kernel input, so both stages share one compilation.
-    partials.flags.writeable = False
-    return full_stage(op)(partials, 1, plan.block, strategy, start)[0]
+    return full_reducer(op)(x, plan.grid, plan.block, strategy, start)
 
 
 def dot(x: np.ndarray, y: np.ndarray, plan, strategy: int) -> np.generic:
     start = x.dtype.type(0)
-    partials = _dot_stage(x, y, plan.grid, plan.block, strategy, start)
-    partials.flags.writeable = False
-    return full_stage("sum")(partials, 1, plan.block, strategy, start)[0]
+    return _dot_all(x, y, plan.grid, plan.block, strategy, start)
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
     python bench/table.py RESULTS.json [--device cpu] > table.md
     python bench/table.py RESULTS.json [--device cpu] --readme README.md
+    python bench/table.py RESULTS.json --summary   # one row per group
 
 One table per benchmark group; rows are implementations. With ``--readme``
 the tables replace whatever lies between the markers below in that file.
@@ -114,7 +115,45 @@ def group_table(benches: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render(data: dict[str, Any], device: str | None) -> str:
+def _column(bench: dict[str, Any]) -> str:
+    # torch.sum, torch.amax and torch.dot share one column of the summary.
+    name = bench["extra_info"].get("impl") or bench["name"]
+    return name.split(".")[0] if name.startswith("torch.") else name
+
+
+def summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """One row per group: each implementation's min time / the reference's."""
+    impls: list[str] = []
+    for benches in groups.values():
+        for b in benches:
+            name = _column(b)
+            if not b["extra_info"].get("reference") and name not in impls:
+                impls.append(name)
+    lines = [
+        "| group | reference | ref ms | " + " | ".join(impls) + " |",
+        "|---|---|---:|" + "---:|" * len(impls),
+    ]
+    for key in sorted(groups):
+        benches = groups[key]
+        ref = next((b for b in benches if b["extra_info"].get("reference")), None)
+        if ref is None:
+            continue
+        by_name = {_column(b): b for b in benches}
+        ratios = [
+            f"{by_name[i]['stats']['min'] / ref['stats']['min']:.2f}"
+            if i in by_name
+            else "-"
+            for i in impls
+        ]
+        ref_name = ref["extra_info"].get("impl") or ref["name"]
+        lines.append(
+            f"| {benches[0].get('group')} | {ref_name} | "
+            f"{fmt_ms(ref['stats']['min'])} | " + " | ".join(ratios) + " |"
+        )
+    return lines
+
+
+def render(data: dict[str, Any], device: str | None, summary: bool = False) -> str:
     benches = [
         b
         for b in data.get("benchmarks", [])
@@ -127,6 +166,16 @@ def render(data: dict[str, Any], device: str | None) -> str:
         groups.setdefault(_group_key(b), []).append(b)
     devices = {b.get("extra_info", {}).get("device", "") for b in benches}
     out = [*header(data, devices), ""]
+    if summary:
+        out += [
+            "Each cell: min time / min time of the group's reference row, "
+            "measured side by side in one run; below 1 is faster than the "
+            "reference.",
+            "",
+            *summary_table(groups),
+            "",
+        ]
+        return "\n".join(out).rstrip() + "\n"
     for key in sorted(groups):
         out += [*group_table(groups[key]), ""]
     return "\n".join(out).rstrip() + "\n"
@@ -160,8 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help=f"write between {START} and {END} in this file instead of stdout",
     )
+    p.add_argument(
+        "--summary", action="store_true", help="one row per group, ratios only"
+    )
     args = p.parse_args(argv)
-    text = render(load(args.results), args.device)
+    text = render(load(args.results), args.device, args.summary)
     if args.readme is None:
         sys.stdout.write(text)
         return 0

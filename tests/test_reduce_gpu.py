@@ -166,3 +166,21 @@ def test_large_full_sum_on_real_gpu(rng, monkeypatch):
     dx = cuda.to_device(x)
     for r in (0, 1, 2):
         assert to_host(sk.sum(dx, reduce=r)).tobytes() == sk.sum(x, reduce=r).tobytes()
+
+
+def test_gather_makes_strided_device_arrays_contiguous(rng):
+    # The real-GPU path for non-contiguous Numba arrays (the simulator itself
+    # copies with NumPy); run here so the index arithmetic is checked.
+    from softkern.cuda.copy import gather_contiguous
+
+    base = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    views = [
+        lambda a: a[1, 2, 3, ::2],
+        lambda a: a[0, 1].T[::2],
+        lambda a: a[:, ::2, 1:, 0].transpose((2, 0, 1)),
+        lambda a: a[:, :, ::3, ::-2],
+    ]
+    for ndim, view in enumerate(views, start=1):
+        got = to_host(gather_contiguous(view(to_gpu(base))))
+        np.testing.assert_array_equal(got, view(base))
+        assert got.ndim == ndim

@@ -76,3 +76,15 @@ def gather_contiguous(x, stream=0):
         grid = min(cdiv(x.size, DEFAULT_BLOCK), MAX_GRID)
         _gathers()[x.ndim][grid, DEFAULT_BLOCK, stream](x, out)
     return out.reshape(x.shape)
+
+
+def ptx_cases(block: int = DEFAULT_BLOCK):
+    """The gather kernels with their argument types, for compile checks
+    (same shape of record as ``softkern.cuda.reduce.ptx_cases``)."""
+    from numba.np.numpy_support import from_dtype
+
+    for name in ("float32", "int32"):
+        t = from_dtype(np.dtype(name))
+        for ndim, kernel in _gathers().items():
+            argtypes = (t[(slice(None),) * ndim], t[::1])
+            yield f"gather{ndim}/{name}", kernel, argtypes, name, None

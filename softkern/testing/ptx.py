@@ -5,8 +5,8 @@ without a GPU would never see a kernel that NVVM rejects, a float32 kernel
 that silently computes in float64, a reduce=2 kernel whose shuffles were lost,
 or a kernel that spills to local memory. ``numba.cuda.compile_ptx`` needs no
 GPU, only NVVM (the ``numba-cuda[cu13]`` wheels), so this module compiles
-each kernel of ``softkern.cuda.reduce.ptx_cases`` for one compute capability
-and prints one JSON line per kernel::
+each kernel of ``softkern.cuda.reduce.ptx_cases`` (and ``copy.ptx_cases``)
+for one compute capability and prints one JSON line per kernel::
 
     NUMBA_ENABLE_CUDASIM=0 python -m softkern.testing.ptx --cc 9.0
 
@@ -22,6 +22,7 @@ tested on hand-written PTX in the simulator session too.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -201,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from numba import cuda
 
-    from softkern.cuda import reduce
+    from softkern.cuda import copy, reduce
 
-    for name, kernel, argtypes, dtype, strategy in reduce.ptx_cases(args.block):
+    cases = itertools.chain(reduce.ptx_cases(args.block), copy.ptx_cases())
+    for name, kernel, argtypes, dtype, strategy in cases:
         record = {"name": name, "dtype": dtype, "strategy": strategy, "cc": args.cc}
         try:
             ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=cc)

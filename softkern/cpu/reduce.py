@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from softkern.cpu.fma import fma
-from softkern.cuda.reduce import identity
+from softkern.cuda.reduce import acc_dtype, identity
 
 WARP = 32
 # Accumulators are streamed in tiles that stay in L2 while every row of x
@@ -48,12 +48,6 @@ def minimum(a, b):
 
 
 COMBINE = {"sum": add, "amax": maximum, "amin": minimum}
-
-
-def _acc_dtype(op: str, dtype: np.dtype) -> np.dtype:
-    if op == "sum" and dtype.kind == "i":
-        return np.dtype(np.int64)
-    return dtype
 
 
 @functools.cache
@@ -265,7 +259,7 @@ def _dot_all(x, y, grid, block, strategy, start):
 
 def full_reduce(op: str, x: np.ndarray, plan, strategy: int) -> np.generic:
     """Reduce a 1-D array as the two GPU launches of a ``FullReducePlan`` do."""
-    start = identity(op, _acc_dtype(op, x.dtype))
+    start = identity(op, acc_dtype(op, x.dtype))
     return full_reducer(op)(x, plan.grid, plan.block, strategy, start)
 
 
@@ -325,7 +319,7 @@ def columns_reduce(op: str):
 
 def reduce_dim(op: str, x: np.ndarray, out: np.ndarray, plan, strategy: int) -> None:
     """``cuda.reduce.launch_dim`` on the CPU: same plan, same order."""
-    start = identity(op, _acc_dtype(op, x.dtype))
+    start = identity(op, acc_dtype(op, x.dtype))
     if plan.regime == "rows":
         rows_reduce(op)(x, out, plan.group, strategy, start)
     else:

@@ -140,7 +140,7 @@ def group_reducer(op: str, strategy: int, group: int, pitch: int, block: int, dt
 
     if pitch == 1:
         warps_per_group = group // WARP
-        warps_per_block = block // WARP  # a constant: shared sizes must be
+        warps_per_block = block // WARP  # shared array sizes must be constants
 
         @cuda.jit(device=True)
         def fold_shuffle(value):
@@ -208,7 +208,8 @@ def group_reducer(op: str, strategy: int, group: int, pitch: int, block: int, dt
     return fold_shuffle_transposed
 
 
-def _acc_type(op: str, dtype: np.dtype) -> np.dtype:
+def acc_dtype(op: str, dtype: np.dtype) -> np.dtype:
+    """The accumulator (and result) dtype: integer sums widen to int64."""
     if op == "sum" and dtype.kind == "i":
         return np.dtype(np.int64)
     return dtype
@@ -228,11 +229,11 @@ def full_kernel(op: str, strategy: int, block: int, dtype):
     [1, block] over the partials.
     """
     dtype = np.dtype(dtype)
-    acc_dtype = _acc_type(op, dtype)
-    acc_type = from_dtype(acc_dtype)
-    start = identity(op, acc_dtype)
+    acc_dt = acc_dtype(op, dtype)
+    acc_type = from_dtype(acc_dt)
+    start = identity(op, acc_dt)
     combine = COMBINE[op]
-    fold = group_reducer(op, strategy, block, 1, block, acc_dtype)
+    fold = group_reducer(op, strategy, block, 1, block, acc_dt)
 
     @cuda.jit
     def reduce_stage(x, partials):
@@ -314,11 +315,11 @@ def rows_kernel(op: str, strategy: int, group: int, block: int, dtype):
     Launch config: ``DimReducePlan`` regime "rows": [grid, block].
     """
     dtype = np.dtype(dtype)
-    acc_dtype = _acc_type(op, dtype)
-    acc_type = from_dtype(acc_dtype)
-    start = identity(op, acc_dtype)
+    acc_dt = acc_dtype(op, dtype)
+    acc_type = from_dtype(acc_dt)
+    start = identity(op, acc_dt)
     combine = COMBINE[op]
-    fold = group_reducer(op, strategy, group, 1, block, acc_dtype)
+    fold = group_reducer(op, strategy, group, 1, block, acc_dt)
     rows_per_block = block // group
 
     @cuda.jit
@@ -357,12 +358,12 @@ def columns_kernel(op: str, strategy: int, block: int, dtype):
     Launch config: ``DimReducePlan`` regime "columns": [grid, block].
     """
     dtype = np.dtype(dtype)
-    acc_dtype = _acc_type(op, dtype)
-    acc_type = from_dtype(acc_dtype)
-    start = identity(op, acc_dtype)
+    acc_dt = acc_dtype(op, dtype)
+    acc_type = from_dtype(acc_dt)
+    start = identity(op, acc_dt)
     combine = COMBINE[op]
     lanes = block // WARP
-    fold = group_reducer(op, strategy, lanes, WARP, block, acc_dtype)
+    fold = group_reducer(op, strategy, lanes, WARP, block, acc_dt)
 
     @cuda.jit
     def reduce_columns(x, out):
@@ -398,14 +399,12 @@ def launch_full(op, x, out, plan, strategy, stream, empty):
     `x` is a 1-D device array (any strides), `out` a 1-element device array,
     `empty(shape, dtype)` allocates device scratch with the caller's allocator.
     """
-    acc_dtype = _acc_type(op, np.dtype(x.dtype))
-    partials = empty((plan.grid,), acc_dtype)
+    acc_dt = acc_dtype(op, np.dtype(x.dtype))
+    partials = empty((plan.grid,), acc_dt)
     full_kernel(op, strategy, plan.block, np.dtype(x.dtype))[
         plan.grid, plan.block, stream
     ](x, partials)
-    full_kernel(op, strategy, plan.block, acc_dtype)[1, plan.block, stream](
-        partials, out
-    )
+    full_kernel(op, strategy, plan.block, acc_dt)[1, plan.block, stream](partials, out)
 
 
 def launch_dot(x, y, out, plan, strategy, stream, empty):
@@ -432,8 +431,9 @@ def launch_dim(op, x, out, plan, strategy, stream):
 
 # --- catalogue for compile checks -------------------------------------------
 
+# The dtypes the public functions accept (ops/reduce.py reads these).
 REDUCE_DTYPES = ("float32", "float64", "int32", "int64")
-FLOAT_DTYPES = ("float32", "float64")
+FLOAT_DTYPES = ("float32", "float64")  # dot
 
 
 def ptx_cases(block: int = 256):
@@ -446,7 +446,7 @@ def ptx_cases(block: int = 256):
     for name in REDUCE_DTYPES:
         dtype = np.dtype(name)
         t = from_dtype(dtype)
-        acc = from_dtype(_acc_type("sum", dtype))
+        acc = from_dtype(acc_dtype("sum", dtype))
         for strategy in (0, 1, 2):
             for op in ("sum", "amax", "amin"):
                 out = acc if op == "sum" else t

@@ -13,8 +13,9 @@ from softkern.cpu import reduce as cpu_reduce
 from softkern.cuda import reduce as cuda_reduce
 
 Dim = int | Sequence[int] | None
-REDUCE_DTYPES = (np.float32, np.float64, np.int32, np.int64)
-DOT_DTYPES = (np.float32, np.float64)
+# The kernels' catalogue is the one list of supported dtypes.
+REDUCE_DTYPES = tuple(np.dtype(n).type for n in cuda_reduce.REDUCE_DTYPES)
+DOT_DTYPES = tuple(np.dtype(n).type for n in cuda_reduce.FLOAT_DTYPES)
 
 
 class _Operand:
@@ -91,7 +92,7 @@ def _reduce(
     a.check_dtype(REDUCE_DTYPES, f"softkern.{op}")
     dims = _layout.normalize_dims(dim, len(a.shape))
     out_shape = _layout.reduced_shape(a.shape, dims, bool(keepdim))
-    acc_dtype = cpu_reduce._acc_dtype(op, a.dtype)
+    acc_dtype = cuda_reduce.acc_dtype(op, a.dtype)
     if op != "sum":
         for d in dims:
             if a.shape[d] == 0:

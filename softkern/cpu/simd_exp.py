@@ -23,6 +23,8 @@ correctly rounded result, and exactly inf / 0 / NaN where exp is.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import float32, float64, int32, int64, njit, types
 from numba.extending import intrinsic
@@ -46,93 +48,50 @@ def _as_float(typingctx, bits):
     return result(bits), codegen
 
 
-# float32 --------------------------------------------------------------------
-_LOG2E_32 = float32(1.4426950408889634)
-_LN2_HI_32 = float32(0.693145751953125)  # 15 significant bits: n * hi exact
-_LN2_LO_32 = float32(1.4286068203094172e-06)
-# exp(x) overflows above 88.72 and is below half the least subnormal under
-# -103.98; past the clamp the answer is already inf or 0, and |n| <= 150.
-_HI_32 = float32(89.0)
-_LO_32 = float32(-104.0)
-_TAYLOR_32 = tuple(float32(1.0 / f) for f in (5040, 720, 120, 24, 6, 2, 1, 1))
+def _make_exp(ftype, itype, bias, mantissa_bits, ln2_hi, ln2_lo, lo, hi, degree):
+    """The exp of one float format; the constants are all that differ."""
+    log2e = ftype(1.4426950408889634)
+    ln2_hi, ln2_lo, lo, hi = ftype(ln2_hi), ftype(ln2_lo), ftype(lo), ftype(hi)
+    # Taylor coefficients 1/k!, highest degree first, for Horner's rule.
+    taylor = tuple(ftype(1.0 / math.factorial(k)) for k in range(degree, -1, -1))
+
+    @njit(inline="always", cache=True)
+    def pow2(n):
+        # 2**n for a normal exponent n, by writing the biased exponent field.
+        return _as_float(itype((n + bias) << mantissa_bits))
+
+    @njit(cache=True)
+    def exp(x):
+        c = x if x < hi else hi
+        c = c if c > lo else lo
+        n = np.rint(c * log2e)
+        r = fma(-n, ln2_hi, c)
+        r = fma(-n, ln2_lo, r)
+        p = taylor[0]
+        for i in range(1, len(taylor)):
+            p = fma(p, r, taylor[i])
+        k = itype(n)
+        half = k >> 1
+        result = p * pow2(half) * pow2(k - half)
+        return result if x == x else x
+
+    return exp
 
 
-@njit(inline="always", cache=True)
-def _pow2_32(n):
-    # 2**n for -126 <= n <= 127, by writing the biased exponent.
-    return _as_float(int32((n + 127) << 23))
-
-
-@njit(cache=True)
-def exp32(x):
-    """exp of a float32, branch-free (see the module docstring)."""
-    c = x if x < _HI_32 else _HI_32
-    c = c if c > _LO_32 else _LO_32
-    n = np.rint(c * _LOG2E_32)
-    r = fma(-n, _LN2_HI_32, c)
-    r = fma(-n, _LN2_LO_32, r)
-    p = _TAYLOR_32[0]
-    p = fma(p, r, _TAYLOR_32[1])
-    p = fma(p, r, _TAYLOR_32[2])
-    p = fma(p, r, _TAYLOR_32[3])
-    p = fma(p, r, _TAYLOR_32[4])
-    p = fma(p, r, _TAYLOR_32[5])
-    p = fma(p, r, _TAYLOR_32[6])
-    p = fma(p, r, _TAYLOR_32[7])
-    k = int32(n)
-    half = k >> 1
-    result = p * _pow2_32(half) * _pow2_32(k - half)
-    return result if x == x else x
-
-
-# float64 --------------------------------------------------------------------
-_LOG2E_64 = 1.4426950408889634
-_LN2_HI_64 = 6.93147180369123816490e-01  # fdlibm's split of ln 2
-_LN2_LO_64 = 1.90821492927058770002e-10
-_HI_64 = 710.0
-_LO_64 = -746.0
-_TAYLOR_64 = tuple(
-    float64(1.0 / f)
-    for f in (
-        6227020800,
-        479001600,
-        39916800,
-        3628800,
-        362880,
-        40320,
-        5040,
-        720,
-        120,
-        24,
-        6,
-        2,
-        1,
-        1,
-    )
-)
-
-
-@njit(inline="always", cache=True)
-def _pow2_64(n):
-    # 2**n for -1022 <= n <= 1023.
-    return _as_float(int64((n + 1023) << 52))
-
-
-@njit(cache=True)
-def exp64(x):
-    """exp of a float64, branch-free (see the module docstring)."""
-    c = x if x < _HI_64 else _HI_64
-    c = c if c > _LO_64 else _LO_64
-    n = np.rint(c * _LOG2E_64)
-    r = fma(-n, _LN2_HI_64, c)
-    r = fma(-n, _LN2_LO_64, r)
-    p = _TAYLOR_64[0]
-    for i in range(1, len(_TAYLOR_64)):
-        p = fma(p, r, _TAYLOR_64[i])
-    k = int64(n)
-    half = k >> 1
-    result = p * _pow2_64(half) * _pow2_64(k - half)
-    return result if x == x else x
+# ln 2 = hi + lo with few bits in hi, so n * hi is exact. exp(x) overflows
+# above the clamp's top and is below half the least subnormal under its
+# bottom, so the clamp already saturates to inf and 0, and it keeps |n| small
+# enough that 2**(n//2) and 2**(n - n//2) are both normal numbers.
+exp32 = _make_exp(
+    float32, int32, 127, 23, 0.693145751953125, 1.4286068203094172e-06,
+    lo=-104.0, hi=89.0, degree=7,
+)  # fmt: skip
+exp32.__doc__ = "exp of a float32, branch-free (see the module docstring)."
+exp64 = _make_exp(
+    float64, int64, 1023, 52, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
+    lo=-746.0, hi=710.0, degree=13,
+)  # fmt: skip
+exp64.__doc__ = "exp of a float64, branch-free (see the module docstring)."
 
 
 @njit(cache=True)

@@ -1,11 +1,17 @@
-"""Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py.
+"""Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py and
+bench/bench_softmax.py.
 
     python bench/table.py RESULTS.json [--device cpu] > table.md
     python bench/table.py RESULTS.json [--device cpu] --readme README.md
     python bench/table.py RESULTS.json --summary   # one row per group
+    python bench/table.py RESULTS.json --bench softmax   # only these rows
 
-One table per benchmark group; rows are implementations. With ``--readme``
-the tables replace whatever lies between the markers below in that file.
+One table per benchmark group; rows are implementations. Which benchmark a
+row belongs to is read from the JSON (``--bench`` picks one when a file holds
+both). With ``--readme`` each benchmark's tables replace whatever lies
+between its markers in that file (``MARKERS``: ``<!-- bench:reduce:start -->``
+... ``<!-- bench:reduce:end -->``, and the same with ``softmax``); a file
+without them is left untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +26,19 @@ from typing import Any
 
 START = "<!-- bench:reduce:start -->"
 END = "<!-- bench:reduce:end -->"
+SOFTMAX_START = "<!-- bench:softmax:start -->"
+SOFTMAX_END = "<!-- bench:softmax:end -->"
+MARKERS = {"reduce": (START, END), "softmax": (SOFTMAX_START, SOFTMAX_END)}
+BENCHES = tuple(MARKERS)
+
+
+def bench_kind(bench: dict[str, Any]) -> str:
+    """ "reduce" or "softmax": bench_softmax.py names itself in extra_info;
+    older reduce results carry no name."""
+    info = bench.get("extra_info", {})
+    if info.get("bench"):
+        return str(info["bench"])
+    return "softmax" if "function" in info else "reduce"
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -39,11 +58,33 @@ def fmt_ms(seconds: float) -> str:
     return f"{ms:.5f}"
 
 
-def header(data: dict[str, Any], devices: set[str]) -> list[str]:
+REDUCE_NOTE = (
+    "- Times are per call: min and median over the rounds. GB/s = bytes the "
+    "row moves (a reduction reads its inputs; a copy reads and writes) / min "
+    "time. `x ref` = min time / min time of the group's reference row "
+    "(NumPy on the CPU, the device copy on the GPU); above 1 is slower."
+)
+SOFTMAX_NOTE = (
+    "- Times are per call: min and median over the rounds, float32 input "
+    "(seeded standard normals). GB/s = (x.nbytes + out.nbytes) / min time "
+    "for every row. `torch / this` = PyTorch's min time / this row's: above 1 "
+    "is faster than PyTorch. `this / copy` = this row's min time / the "
+    "`np.copyto` floor's (a preallocated copy of the same bytes): 1 is as "
+    "fast as memory allows. `softkern` allocates its result on every call; "
+    "`softkern out=` writes into a preallocated array."
+)
+
+
+def header(
+    data: dict[str, Any],
+    devices: set[str],
+    note: str = REDUCE_NOTE,
+    extra_versions: dict[str, str] | None = None,
+) -> list[str]:
     mi = data.get("machine_info", {})
     cpu = mi.get("cpu", {})
     sk = mi.get("softkern", {})
-    versions = sk.get("versions", {})
+    versions = {**sk.get("versions", {}), **(extra_versions or {})}
     brand = cpu.get("brand_raw") or mi.get("processor") or "unknown CPU"
     machine = f"{brand}, {cpu.get('count', '?')} logical cores"
     if "numba_threads" in sk:
@@ -60,6 +101,7 @@ def header(data: dict[str, Any], devices: set[str]) -> list[str]:
             ("numba-cuda", "numba-cuda"),
             ("numpy", "NumPy"),
             ("torch", "PyTorch"),
+            ("scipy", "SciPy"),
             ("cupy", "CuPy"),
         )
         if key in versions
@@ -70,10 +112,7 @@ def header(data: dict[str, Any], devices: set[str]) -> list[str]:
         f"- Date: {data.get('datetime', 'unknown')}",
         f"- {python} {mi.get('python_version', '?')}; {libs or 'versions unknown'}",
         f"- Command: `{data.get('command', 'unknown')}`",
-        "- Times are per call: min and median over the rounds. GB/s = bytes the "
-        "row moves (a reduction reads its inputs; a copy reads and writes) / min "
-        "time. `x ref` = min time / min time of the group's reference row "
-        "(NumPy on the CPU, the device copy on the GPU); above 1 is slower.",
+        note,
     ]
 
 
@@ -153,14 +192,165 @@ def summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def render(data: dict[str, Any], device: str | None, summary: bool = False) -> str:
-    benches = [
+# Softmax: rows are found by their impl key (bench_softmax.IMPLS).
+SOFTKERN_IMPLS = ("softkern", "softkern-out")
+
+
+def _label(bench: dict[str, Any]) -> str:
+    info = bench["extra_info"]
+    return info.get("label") or info.get("impl") or bench["name"]
+
+
+def _softmax_key(bench: dict[str, Any]) -> tuple:
+    info = bench.get("extra_info", {})
+    return (
+        info.get("device", ""),
+        info.get("function", ""),
+        tuple(info.get("shape", ())),
+        info.get("dim", 0),
+    )
+
+
+def _shape(info: dict[str, Any]) -> str:
+    return "x".join(str(s) for s in info.get("shape", ())) or "?"
+
+
+def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
+    if num is None or den is None or not den["stats"]["min"]:
+        return "n/a"
+    return f"{num['stats']['min'] / den['stats']['min']:.2f}"
+
+
+def softmax_group_table(benches: Sequence[dict[str, Any]]) -> list[str]:
+    by_impl = {b["extra_info"].get("impl"): b for b in benches}
+    torch, copy = by_impl.get("torch"), by_impl.get("copy")
+    info0 = benches[0]["extra_info"]
+    lines = [
+        f"**{benches[0].get('group')}** ({info0.get('n', 0):,} elements)",
+        "",
+        "| implementation | min ms | median ms | GB/s | torch / this | "
+        "this / copy | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in benches:
+        info, st = b["extra_info"], b["stats"]
+        gbps = info["bytes"] / st["min"] / 1e9 if info.get("bytes") else None
+        name = _label(b) + (" (ref)" if info.get("reference") else "")
+        lines.append(
+            f"| {name} | {fmt_ms(st['min'])} | {fmt_ms(st['median'])} | "
+            f"{'n/a' if gbps is None else f'{gbps:.1f}'} | "
+            f"{_ratio(torch, b)} | {_ratio(b, copy)} | {st['rounds']} |"
+        )
+    return lines
+
+
+def softmax_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """One row per (function, shape, dim): softkern against PyTorch and the
+    copy floor."""
+    lines = [
+        "| function | shape | dim | softkern ms | softkern out= ms | torch ms | "
+        "copy ms | torch / softkern | torch / softkern out= | softkern / copy "
+        "| softkern out= / copy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for benches in groups.values():
+        by_impl = {b["extra_info"].get("impl"): b for b in benches}
+        sk, sko = by_impl.get("softkern"), by_impl.get("softkern-out")
+        torch, copy = by_impl.get("torch"), by_impl.get("copy")
+        info = benches[0]["extra_info"]
+        times = [
+            "n/a" if b is None else fmt_ms(b["stats"]["min"])
+            for b in (sk, sko, torch, copy)
+        ]
+        lines.append(
+            f"| {info.get('function', '?')} | {_shape(info)} | "
+            f"{info.get('dim', '?')} | " + " | ".join(times) + " | "
+            f"{_ratio(torch, sk)} | {_ratio(torch, sko)} | {_ratio(sk, copy)} | "
+            f"{_ratio(sko, copy)} |"
+        )
+    return lines
+
+
+def _softmax_groups(
+    benches: Sequence[dict[str, Any]],
+) -> dict[tuple, list[dict[str, Any]]]:
+    """Groups in the order they ran, softmax before log_softmax."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for b in benches:
+        groups.setdefault(_softmax_key(b), []).append(b)
+    order = {"softmax": 0, "log_softmax": 1}
+    keys = sorted(
+        enumerate(groups),
+        key=lambda ik: (ik[1][0], order.get(ik[1][1], 2), ik[1][1], ik[0]),
+    )
+    return {k: groups[k] for _, k in keys}
+
+
+def _row_versions(benches: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Library versions the rows recorded themselves (SciPy is not in the
+    machine_info that bench/conftest.py writes)."""
+    versions = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("version") and info.get("impl") in ("scipy", "torch"):
+            versions[info["impl"]] = str(info["version"])
+    return versions
+
+
+def render_softmax(
+    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+) -> str:
+    groups = _softmax_groups(benches)
+    devices = {b.get("extra_info", {}).get("device", "") for b in benches}
+    out = [
+        *header(data, devices, SOFTMAX_NOTE, _row_versions(benches)),
+        "",
+        *softmax_summary_table(groups),
+        "",
+    ]
+    if not summary:
+        for benches_ in groups.values():
+            out += [*softmax_group_table(benches_), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def select(
+    data: dict[str, Any], device: str | None, bench: str | None = None
+) -> list[dict[str, Any]]:
+    return [
         b
         for b in data.get("benchmarks", [])
-        if device is None or b.get("extra_info", {}).get("device") == device
+        if (device is None or b.get("extra_info", {}).get("device") == device)
+        and (bench is None or bench_kind(b) == bench)
     ]
+
+
+def kinds(data: dict[str, Any], device: str | None = None) -> list[str]:
+    """The benchmarks present in `data`, in BENCHES order."""
+    found = {bench_kind(b) for b in select(data, device)}
+    return [k for k in BENCHES if k in found]
+
+
+def render(
+    data: dict[str, Any],
+    device: str | None,
+    summary: bool = False,
+    bench: str | None = None,
+) -> str:
+    if bench is None:
+        present = kinds(data, device)
+        bench = present[0] if len(present) == 1 else None
+    benches = select(data, device, bench)
     if not benches:
-        raise SystemExit(f"no benchmarks{f' for device {device}' if device else ''}")
+        which = f"{bench} " if bench else ""
+        where = f" for device {device}" if device else ""
+        raise SystemExit(f"no {which}benchmarks{where}")
+    if bench is None:  # several benchmarks in one file: one section each
+        return "\n".join(
+            render(data, device, summary, kind) for kind in kinds(data, device)
+        )
+    if bench == "softmax":
+        return render_softmax(data, benches, summary)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for b in benches:
         groups.setdefault(_group_key(b), []).append(b)
@@ -181,21 +371,21 @@ def render(data: dict[str, Any], device: str | None, summary: bool = False) -> s
     return "\n".join(out).rstrip() + "\n"
 
 
-def update_readme(readme: Path, text: str) -> bool:
+def update_readme(readme: Path, text: str, start: str = START, end: str = END) -> bool:
     """Replace the text between the markers; touch nothing if they are absent."""
     if not readme.exists():
         print(f"warning: {readme} does not exist; nothing written", file=sys.stderr)
         return False
     old = readme.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(old):
         print(
-            f"warning: {readme} has no {START} ... {END} markers; nothing written",
+            f"warning: {readme} has no {start} ... {end} markers; nothing written",
             file=sys.stderr,
         )
         return False
     # A function replacement: the table's backslashes are not regex escapes.
-    new = pattern.sub(lambda _: f"{START}\n{text}{END}", old, count=1)
+    new = pattern.sub(lambda _: f"{start}\n{text}{end}", old, count=1)
     readme.write_text(new)
     return True
 
@@ -205,19 +395,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("results", type=Path, help="pytest-benchmark --benchmark-json")
     p.add_argument("--device", choices=("cpu", "gpu"), help="only this device")
     p.add_argument(
+        "--bench",
+        choices=BENCHES,
+        help="only this benchmark's rows (default: every benchmark in the file)",
+    )
+    p.add_argument(
         "--readme",
         type=Path,
-        help=f"write between {START} and {END} in this file instead of stdout",
+        help="write between this benchmark's markers in this file (e.g. "
+        f"{SOFTMAX_START} ... {SOFTMAX_END}) instead of stdout",
     )
     p.add_argument(
         "--summary", action="store_true", help="one row per group, ratios only"
     )
     args = p.parse_args(argv)
-    text = render(load(args.results), args.device, args.summary)
+    data = load(args.results)
     if args.readme is None:
-        sys.stdout.write(text)
+        sys.stdout.write(render(data, args.device, args.summary, args.bench))
         return 0
-    update_readme(args.readme, text)
+    for kind in [args.bench] if args.bench else kinds(data, args.device):
+        text = render(data, args.device, args.summary, kind)
+        start, end = MARKERS[kind]
+        if update_readme(args.readme, text, start, end):
+            print(f"{args.readme}: wrote the {kind} tables", file=sys.stderr)
     return 0
 
 

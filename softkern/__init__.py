@@ -7,8 +7,17 @@ array in, the same kind of array out).
 
 from numba import config as _numba_config
 
+from softkern import nn
 from softkern._dispatch import device_of
 from softkern.ops.reduce import amax, amin, dot, sum
+from softkern.ops.softmax import (
+    log_softmax,
+    log_softmax_backward,
+    logsumexp,
+    softmax,
+    softmax_backward,
+    softmax_plan,
+)
 
 if _numba_config.ENABLE_CUDASIM:
     # The simulator lacks warp intrinsics; ours make reduce=2 run there too.
@@ -17,4 +26,17 @@ if _numba_config.ENABLE_CUDASIM:
     _cudasim.install()
 
 __version__ = "0.1.0"
-__all__ = ["amax", "amin", "device_of", "dot", "sum"]
+__all__ = [
+    "amax",
+    "amin",
+    "device_of",
+    "dot",
+    "log_softmax",
+    "log_softmax_backward",
+    "logsumexp",
+    "nn",
+    "softmax",
+    "softmax_backward",
+    "softmax_plan",
+    "sum",
+]

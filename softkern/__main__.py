@@ -48,6 +48,8 @@ def check_examples(on_gpu: bool, block: int | None) -> list[tuple[str, bool, str
     x = rng.standard_normal((7, 45)).astype(np.float32)
     y = rng.standard_normal(45).astype(np.float32)
     x64 = x.astype(np.float64)
+    e1 = np.exp(x64 - x64.max(1, keepdims=True))
+    e0 = np.exp(x64 - x64.max(0, keepdims=True))
     cases = [
         ("sum(x)", lambda m: sk.sum(m(x), block=block), x64.sum()),
         ("sum(x, dim=1)", lambda m: sk.sum(m(x), 1, block=block), x64.sum(1)),
@@ -55,6 +57,21 @@ def check_examples(on_gpu: bool, block: int | None) -> list[tuple[str, bool, str
         ("amax(x, dim=1)", lambda m: sk.amax(m(x), 1, block=block), x64.max(1)),
         ("amin(x)", lambda m: sk.amin(m(x), block=block), x64.min()),
         ("dot(x[0], y)", lambda m: sk.dot(m(x[0]), m(y), block=block), x64[0] @ y),
+        (
+            "softmax(x, dim=1)",
+            lambda m: sk.softmax(m(x), 1, block=block),
+            e1 / e1.sum(1, keepdims=True),
+        ),
+        (
+            "log_softmax(x, dim=0)",
+            lambda m: sk.log_softmax(m(x), 0, block=block),
+            np.log(e0 / e0.sum(0, keepdims=True)),
+        ),
+        (
+            "logsumexp(x, dim=1)",
+            lambda m: sk.logsumexp(m(x), 1, block=block),
+            np.log(np.exp(x64).sum(1)),
+        ),
     ]
     devices = [("cpu", np.ascontiguousarray)]
     if on_gpu or numba_config.ENABLE_CUDASIM:

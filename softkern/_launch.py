@@ -8,7 +8,12 @@ depend on the GPU model, only on the problem size and the block size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
+
+from softkern import _layout
 
 WARP = 32
 DEFAULT_BLOCK = 256
@@ -129,3 +134,116 @@ def dim_reduce_plan(
         regime = "columns"
     grid = max(1, min(items, MAX_GRID))
     return DimReducePlan(outer, n, inner, block, regime, group, items, grid)
+
+
+# --- softmax -----------------------------------------------------------------
+
+# Rows up to this many bytes (of the accumulator type) run a warp per row,
+# held in registers: 64 bytes a lane, 16 float32 or 8 float64 values. Twice
+# that compiled (ptxas, cc 8.0) to 232-240 bytes of register spills a thread
+# once the unrolled exponentials are scheduled; longer rows go to shared
+# memory instead.
+WARP_ROW_BYTES = 2048
+# A block per row caches its row in shared memory when it fits in this many
+# bytes: with the reduction scratch, below the 48 KiB a block may use without
+# opting in, and small enough for several blocks per SM. Tests lower it to
+# reach the streaming regime with short rows in the simulator.
+SHARED_ROW_BYTES = 32 * 1024
+# The CPU column regime works on strips of columns whose whole height fits in
+# this much cache (L2), so its three sweeps over a strip read memory once when
+# the dim is short. The strip is never narrower than CPU_STRIP_MIN columns:
+# a row of a strip must span pages, not cache lines, or a sweep down a long
+# dim misses the TLB on every row (measured: 16-column strips of a (4096,
+# 4096) dim-0 softmax ran 2.4x slower than 1024-column strips).
+CPU_STRIP_BYTES = 1024 * 1024
+CPU_STRIP_MIN = 1024
+
+
+def softmax_acc_dtype(dtype) -> np.dtype:
+    """Arithmetic dtype of a softmax writing `dtype`: float16 computes in
+    float32, float32 and float64 in themselves."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
+@dataclass(frozen=True)
+class SoftmaxPlan:
+    """How softmax over `dim` of an array of `shape` runs, on either device.
+
+    The array is viewed as (outer, n, inner) around `dim`. GPU `regime`:
+
+    - "warp": inner == 1, n * itemsize <= WARP_ROW_BYTES. Blocks of `block` threads hold
+      block / 32 rows, a warp per row, `values` elements per lane in
+      registers; `items` = row groups.
+    - "shared": inner == 1, the row fits `cache` elements of shared memory:
+      a block per row, the row read once; `items` = rows.
+    - "stream": inner == 1, longer rows: a block per row reading it twice
+      (online max and sum, then normalise); `items` = rows.
+    - "columns": inner > 1: tiles of 32 columns by block / 32 threads along
+      n; `items` = outer * ceil(inner / 32) tiles.
+
+    Blocks walk `items` with a grid-stride loop over `grid` blocks.
+    CPU `cpu_regime`: "rows" (inner == 1: one row per task, rows in parallel)
+    or "columns" (strips of `cpu_strip` columns, strips in parallel).
+    """
+
+    shape: tuple[int, ...]
+    dim: int
+    outer: int
+    n: int
+    inner: int
+    block: int
+    regime: str
+    values: int
+    cache: int
+    items: int
+    grid: int
+    cpu_regime: str
+    cpu_strip: int
+
+
+def softmax_plan(
+    shape: tuple[int, ...], dim: int, dtype, block: int | None = None
+) -> SoftmaxPlan:
+    """The plan for softmax (and log_softmax, and their backward passes) of
+    an array of `shape` and output `dtype` over `dim` (may be negative)."""
+    shape = tuple(int(s) for s in shape)
+    block = check_block(block)
+    if isinstance(dim, (tuple, list)) or dim is None:
+        raise TypeError(f"softmax dim must be one int, got {dim!r}")
+    dims = _layout.normalize_dims(dim, len(shape))
+    dim = dims[0] if dims else 0  # a 0-d array is one slice of one element
+    outer = math.prod(shape[:dim])
+    n = shape[dim] if shape else 1
+    inner = math.prod(shape[dim + 1 :])
+    itemsize = softmax_acc_dtype(dtype).itemsize
+    cache = SHARED_ROW_BYTES // itemsize
+    values = 0
+    if inner == 1 and n * itemsize <= WARP_ROW_BYTES:
+        regime = "warp"
+        values = next_pow2(cdiv(max(n, 1), WARP))
+        items = cdiv(outer, block // WARP)
+    elif inner == 1:
+        regime = "shared" if n <= cache else "stream"
+        items = outer
+    else:
+        regime = "columns"
+        items = outer * cdiv(inner, WARP)
+    grid = max(1, min(items, MAX_GRID))
+    strip = max(CPU_STRIP_MIN, CPU_STRIP_BYTES // (itemsize * max(n, 1)))
+    strip = min(strip, max(inner, 1))
+    return SoftmaxPlan(
+        shape=shape,
+        dim=dim,
+        outer=outer,
+        n=n,
+        inner=inner,
+        block=block,
+        regime=regime,
+        values=values,
+        cache=cache if regime == "shared" else 0,
+        items=items,
+        grid=grid,
+        cpu_regime="rows" if inner == 1 else "columns",
+        cpu_strip=strip,
+    )

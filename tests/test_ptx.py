@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CCS = ("8.0", "9.0")
 TIMEOUT_S = 480
 # int32 sums accumulate in int64 and no int32 kernel has a reason to touch
-# floats at all, so they get the float32 check too.
-NO_F64_DTYPES = ("float32", "int32")
+# floats at all, and float16 softmax computes in float32, so they get the
+# float32 check too.
+NO_F64_DTYPES = ("float16", "float32", "int32")
 
 
 # --- kernel_facts on hand-written PTX (independent of NVVM) -----------------

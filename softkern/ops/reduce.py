@@ -66,6 +66,20 @@ class _Operand:
             )
         return _dispatch.strided_view(arr, *merged)
 
+    def around(self, dims: Sequence[int]) -> Any:
+        """The operand as an (outer, n, inner) view, n the product of the
+        sorted `dims` (at least one). Dims apart are first moved last (a
+        strided view); a copy happens only where strides cannot merge."""
+        ndim = len(self.shape)
+        if _layout.is_consecutive(dims):
+            first, last = dims[0], dims[-1]
+            return self.view([(0, first), (first, last + 1), (last + 1, ndim)])
+        kept = [d for d in range(ndim) if d not in dims]
+        return self.view(
+            [(0, len(kept)), (len(kept), ndim), (ndim, ndim)],
+            self.permuted(kept + list(dims)),
+        )
+
     def permuted(self, order: Sequence[int]) -> Any:
         strides = tuple(self.array.strides)
         return _dispatch.strided_view(
@@ -109,17 +123,7 @@ def _reduce(
         _full(op, a, _flat(out), strategy, block)
         return native
 
-    kept = [d for d in range(ndim) if d not in dims]
-    if _layout.is_consecutive(dims):
-        first, last = dims[0], dims[-1]
-        groups = [(0, first), (first, last + 1), (last + 1, ndim)]
-        x3 = a.view(groups)
-    else:
-        # Reduced dims apart: put them last (a strided view), then merge.
-        order = kept + list(dims)
-        x3 = a.view(
-            [(0, len(kept)), (len(kept), ndim), (ndim, ndim)], a.permuted(order)
-        )
+    x3 = a.around(dims)
     outer, n, inner = x3.shape
     plan = _launch.dim_reduce_plan(outer, n, inner, block)
     if plan.regime == "rows":

@@ -1,0 +1,654 @@
+"""GPU softmax, log_softmax and their backward passes: one launch per call.
+
+The input is viewed as (outer, n, inner) around the softmax dim, and
+``softkern._launch.softmax_plan`` picks one of four regimes:
+
+- ``warp``: inner == 1 and the row is at most 2 KiB (512 float32). A warp
+  owns a row and holds it in registers (each lane keeps `values` elements,
+  lane l the elements l, l + 32, ...): one read, one write, no shared memory
+  for the row.
+- ``shared``: inner == 1 and the row fits the block's shared-memory cache.
+  A block owns a row, copies it into shared memory while taking the max, and
+  never reads global memory again.
+- ``stream``: inner == 1, longer rows. A block owns a row and reads it twice:
+  first an online max and sum of exponentials (Milakov and Gimelshein 2018),
+  then to normalise and write.
+- ``columns``: inner > 1. A block is a tile of 32 columns by block / 32
+  threads along the softmax dim, so that a warp reads 32 neighbouring
+  addresses of one row; each thread keeps an online max and sum over its
+  part of the column, the parts are merged, then the column is written.
+
+Every in-block max and sum goes through ``cuda.reduce.group_reducer``, so the
+three reduction strategies (``reduce=0/1/2``) can be compared inside softmax
+too. Factories take the block size as an argument so tests can build 32- and
+64-thread kernels for the simulator; the launch configuration itself is
+chosen in ``softkern._launch``, never here.
+
+Special values follow PyTorch: NaN anywhere in a slice, a +inf, or a slice of
+only -inf make the whole slice NaN; -inf elements among finite ones give 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, int64
+from numba.np.numpy_support import from_dtype
+
+from softkern._launch import WARP, softmax_acc_dtype
+from softkern.cuda.reduce import FULL_MASK, group_reducer, maximum
+
+FORWARD = ("softmax", "log_softmax")
+BACKWARD = ("softmax_backward", "log_softmax_backward")
+# Output dtypes the kernels write; float16 output is computed in float32.
+OUT_DTYPES = ("float16", "float32", "float64")
+
+
+def _types(out_dtype):
+    """(accumulator numba type, output numba type, accumulator dtype)."""
+    acc = softmax_acc_dtype(out_dtype)
+    return from_dtype(acc), from_dtype(np.dtype(out_dtype)), acc
+
+
+@functools.cache
+def group_broadcaster(group: int, pitch: int, block: int, dtype):
+    """Device function giving every member of a group its member 0's value.
+
+    Groups are laid out as in ``group_reducer`` (members base + r * pitch).
+    A group within one warp (pitch 1, group <= 32) uses one shfl_sync from
+    the group's first lane; otherwise member 0 writes a shared slot that all
+    members read.
+
+    Launch config: 1-D blocks of `block` threads; every thread of the block
+    calls it the same number of times (it holds barriers when group > 32).
+    """
+    nbtype = from_dtype(np.dtype(dtype))
+
+    if pitch == 1 and group <= WARP:
+
+        @cuda.jit(device=True, inline=True)
+        def broadcast_in_warp(value):
+            lane = cuda.threadIdx.x % WARP
+            return cuda.shfl_sync(FULL_MASK, value, lane - lane % group)
+
+        return broadcast_in_warp
+
+    @cuda.jit(device=True)
+    def broadcast_shared(value):
+        slots = cuda.shared.array(block, nbtype)
+        tid = cuda.threadIdx.x
+        if pitch == 1:
+            slot, member = tid // group, tid % group
+        else:
+            slot, member = tid % pitch, tid // pitch
+        if member == 0:
+            slots[slot] = value
+        cuda.syncthreads()
+        value = slots[slot]
+        cuda.syncthreads()  # hazard: slots are written again on the next call
+        return value
+
+    return broadcast_shared
+
+
+@functools.cache
+def group_stats(strategy: int, group: int, pitch: int, block: int, dtype):
+    """Device function merging per-thread online (max, sum) pairs of a group.
+
+    Each member passes its running max `m` and its sum `d` of exp(x - m);
+    every member gets the group's (M, D): M = max of the m, then
+    D = sum of d * exp(m - M), both folded with `strategy`. A member with no
+    finite contribution (m = -inf) adds 0, so a row of -inf keeps D = 0 and
+    its softmax is NaN, as in PyTorch; a NaN or +inf makes D NaN.
+
+    Launch config: as ``group_reducer`` and ``group_broadcaster``.
+    """
+    fold_max = group_reducer("amax", strategy, group, pitch, block, dtype)
+    fold_sum = group_reducer("sum", strategy, group, pitch, block, dtype)
+    broadcast = group_broadcaster(group, pitch, block, dtype)
+    zero = np.dtype(dtype).type(0)
+    neg_inf = np.dtype(dtype).type(-np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def merge(m, d):
+        top = broadcast(fold_max(m))
+        scaled = d * math.exp(m - top) if m != neg_inf else zero
+        return top, broadcast(fold_sum(scaled))
+
+    return merge
+
+
+@functools.cache
+def log_of(dtype):
+    """Device function: log(total) for a sum of exponentials, -inf at 0.
+
+    The GPU's log gives -inf at 0 already; the explicit case keeps the
+    simulator (Python's math.log raises at 0) on the same results. NaN stays
+    NaN (the comparison is false)."""
+    zero = np.dtype(dtype).type(0)
+    neg_inf = np.dtype(dtype).type(-np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def safe_log(total):
+        return neg_inf if total == zero else math.log(total)
+
+    return safe_log
+
+
+@functools.cache
+def online_update(dtype):
+    """Device function folding element v into a running max m and sum d of
+    exp(x - m): a larger v rescales d (the Milakov–Gimelshein step); -inf adds
+    nothing (exp(-inf - -inf) would be NaN); NaN fails both tests, so it makes
+    d NaN and with it the whole slice.
+    """
+    one = np.dtype(dtype).type(1)
+    neg_inf = np.dtype(dtype).type(-np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def update(m, d, v):
+        if v > m:
+            return v, d * math.exp(m - v) + one
+        if v != neg_inf:
+            d += math.exp(v - m)
+        return m, d
+
+    return update
+
+
+@cuda.jit(device=True, inline=True)
+def tile_column(item, tiles, lane):
+    """(outer index, column) that `lane` reads in column tile `item`, with
+    `tiles` tiles of 32 columns per outer slice; the column may be past the
+    end in the last tile."""
+    return item // tiles, (item % tiles) * WARP + lane
+
+
+def _group_layout(regime: str, block: int) -> tuple[int, int]:
+    """(group, pitch) of the threads that share one slice in `regime`: a warp
+    per row, a block per row, or block / 32 threads down each of 32 columns."""
+    if regime == "columns":
+        return block // WARP, WARP
+    if regime == "warp":
+        return WARP, 1
+    return block, 1
+
+
+@functools.cache
+def forward_kernel(
+    kind: str, regime: str, strategy: int, block: int, values: int, cache: int, dtype
+):
+    """softmax or log_softmax kernel for one regime of ``SoftmaxPlan``.
+
+    `dtype` is the output dtype; inputs of any real dtype are converted on
+    load. `values` (warp regime) is the number of elements a lane holds,
+    `cache` (shared regime) the shared-memory row capacity in elements.
+
+    Launch config: ``SoftmaxPlan``: [grid, block]; (rows, n) views for the
+    row regimes, (outer, n, inner) for "columns".
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    one = acc_dt.type(1)
+    neg_inf = acc_dt.type(-np.inf)
+    log = kind == "log_softmax"
+    group, pitch = _group_layout(regime, block)
+    fold_max = group_reducer("amax", strategy, group, pitch, block, acc_dt)
+    fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
+    broadcast = group_broadcaster(group, pitch, block, acc_dt)
+    merge = group_stats(strategy, group, pitch, block, acc_dt)
+    update = online_update(acc_dt)
+    safe_log = log_of(acc_dt)
+
+    @cuda.jit(device=True, inline=True)
+    def scale_of(total):
+        # softmax multiplies by 1 / sum; log_softmax subtracts log(sum). A
+        # sum of 0 (a slice of -inf) gives NaN either way: exp(NaN) * inf
+        # and NaN - -inf.
+        return safe_log(total) if log else one / total
+
+    @cuda.jit(device=True, inline=True)
+    def finish(v, top, scale):
+        # v: the input element (log_softmax, or softmax from the input) or,
+        # for softmax from a cache, exp(v - top) already
+        if log:
+            return out_type((v - top) - scale)
+        return out_type(math.exp(v - top) * scale)
+
+    if regime == "warp":
+        rows_per_block = block // WARP
+
+        @cuda.jit
+        def softmax_warp(x, out):
+            """A warp per row, the row in registers: lane l holds elements
+            l, l + 32, ..., (values of them); read once, written once."""
+            row_values = cuda.local.array(values, acc)
+            tid = cuda.threadIdx.x
+            lane = tid % WARP
+            rows, n = x.shape
+            items = (rows + rows_per_block - 1) // rows_per_block
+            item = int64(cuda.blockIdx.x)
+            while item < items:  # uniform over the block: folds hold barriers
+                row = item * rows_per_block + tid // WARP
+                valid = row < rows
+                top = neg_inf
+                for k in range(values):  # constant trip count: unrolled
+                    j = lane + k * WARP
+                    v = neg_inf
+                    if valid and j < n:
+                        v = acc(x[row, j])
+                    row_values[k] = v
+                    top = maximum(top, v)
+                top = broadcast(fold_max(top))
+                total = zero
+                for k in range(values):
+                    if lane + k * WARP < n:
+                        e = math.exp(row_values[k] - top)
+                        total += e
+                        if not log:
+                            row_values[k] = e
+                total = broadcast(fold_sum(total))
+                if valid:
+                    scale = scale_of(total)
+                    for k in range(values):
+                        j = lane + k * WARP
+                        if j < n:
+                            if log:
+                                out[row, j] = finish(row_values[k], top, scale)
+                            else:
+                                out[row, j] = out_type(row_values[k] * scale)
+                item += cuda.gridDim.x
+
+        return softmax_warp
+
+    if regime == "shared":
+
+        @cuda.jit
+        def softmax_shared(x, out):
+            """A block per row, cached in shared memory: each thread keeps
+            the elements it loads (j = tid, tid + block, ...) and reads only
+            those back, so the cache itself needs no barrier."""
+            row_cache = cuda.shared.array(cache, acc)
+            tid = cuda.threadIdx.x
+            rows, n = x.shape
+            row = int64(cuda.blockIdx.x)
+            while row < rows:  # uniform over the block
+                top = neg_inf
+                j = tid
+                while j < n:
+                    v = acc(x[row, j])
+                    row_cache[j] = v
+                    top = maximum(top, v)
+                    j += block
+                top = broadcast(fold_max(top))
+                total = zero
+                j = tid
+                while j < n:
+                    e = math.exp(row_cache[j] - top)
+                    total += e
+                    if not log:
+                        row_cache[j] = e
+                    j += block
+                total = broadcast(fold_sum(total))
+                scale = scale_of(total)
+                j = tid
+                while j < n:
+                    if log:
+                        out[row, j] = finish(row_cache[j], top, scale)
+                    else:
+                        out[row, j] = out_type(row_cache[j] * scale)
+                    j += block
+                row += cuda.gridDim.x
+
+        return softmax_shared
+
+    if regime == "stream":
+
+        @cuda.jit
+        def softmax_stream(x, out):
+            """A block per row, read twice: thread t keeps an online max and
+            sum over elements t, t + block, ...; the block merges them; a
+            second read normalises and writes."""
+            tid = cuda.threadIdx.x
+            rows, n = x.shape
+            row = int64(cuda.blockIdx.x)
+            while row < rows:  # uniform over the block
+                top = neg_inf
+                total = zero
+                j = tid
+                while j < n:
+                    top, total = update(top, total, acc(x[row, j]))
+                    j += block
+                top, total = merge(top, total)
+                scale = scale_of(total)
+                j = tid
+                while j < n:
+                    out[row, j] = finish(acc(x[row, j]), top, scale)
+                    j += block
+                row += cuda.gridDim.x
+
+        return softmax_stream
+
+    lanes = block // WARP
+
+    @cuda.jit
+    def softmax_columns(x, out):
+        """Tiles of 32 columns: thread (c, r) = (tid % 32, tid // 32) keeps
+        an online max and sum over x[o, r, c], x[o, r + lanes, c], ... (a
+        warp reads 32 neighbouring addresses); the column's lanes merge;
+        a second read normalises and writes."""
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        part = tid // WARP
+        outer, n, inner = x.shape
+        tiles = (inner + WARP - 1) // WARP
+        item = int64(cuda.blockIdx.x)
+        while item < outer * tiles:  # uniform over the block
+            o, c = tile_column(item, tiles, lane)
+            top = neg_inf
+            total = zero
+            if c < inner:
+                i = part
+                while i < n:
+                    top, total = update(top, total, acc(x[o, i, c]))
+                    i += lanes
+            top, total = merge(top, total)
+            if c < inner:
+                scale = scale_of(total)
+                i = part
+                while i < n:
+                    out[o, i, c] = finish(acc(x[o, i, c]), top, scale)
+                    i += lanes
+            item += cuda.gridDim.x
+
+    return softmax_columns
+
+
+@functools.cache
+def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
+    """Gradient of softmax or log_softmax with respect to its input.
+
+    softmax: out = y * (g - sum(g * y)); log_softmax: out = g - exp(y) *
+    sum(g), with g the gradient of the output and y the forward output.
+    One sum per slice, then one elementwise pass that reads g and y again
+    (from L2 for rows that were just read). Row regimes share the forward
+    plan's groups (a warp per row for "warp", a block per row otherwise).
+
+    Launch config: ``SoftmaxPlan``: [grid, block].
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    log = kind == "log_softmax_backward"
+    group, pitch = _group_layout(regime, block)
+    fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
+    broadcast = group_broadcaster(group, pitch, block, acc_dt)
+
+    @cuda.jit(device=True, inline=True)
+    def term(g, y):
+        return g if log else g * y
+
+    @cuda.jit(device=True, inline=True)
+    def grad(g, y, total):
+        return out_type(g - math.exp(y) * total if log else y * (g - total))
+
+    if regime != "columns":
+        rows_per_block = block // group
+
+        @cuda.jit
+        def backward_rows(g, y, out):
+            """`group` threads per row: member r sums elements r, r + group,
+            ...; the group folds and broadcasts; then each member writes
+            the same elements."""
+            tid = cuda.threadIdx.x
+            member = tid % group
+            rows, n = g.shape
+            items = (rows + rows_per_block - 1) // rows_per_block
+            item = int64(cuda.blockIdx.x)
+            while item < items:  # uniform over the block
+                row = item * rows_per_block + tid // group
+                total = zero
+                if row < rows:
+                    j = member
+                    while j < n:
+                        total += term(acc(g[row, j]), acc(y[row, j]))
+                        j += group
+                total = broadcast(fold_sum(total))
+                if row < rows:
+                    j = member
+                    while j < n:
+                        out[row, j] = grad(acc(g[row, j]), acc(y[row, j]), total)
+                        j += group
+                item += cuda.gridDim.x
+
+        return backward_rows
+
+    lanes = block // WARP
+
+    @cuda.jit
+    def backward_columns(g, y, out):
+        """Tiles of 32 columns by `lanes` threads, as ``softmax_columns``."""
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        part = tid // WARP
+        outer, n, inner = g.shape
+        tiles = (inner + WARP - 1) // WARP
+        item = int64(cuda.blockIdx.x)
+        while item < outer * tiles:  # uniform over the block
+            o, c = tile_column(item, tiles, lane)
+            total = zero
+            if c < inner:
+                i = part
+                while i < n:
+                    total += term(acc(g[o, i, c]), acc(y[o, i, c]))
+                    i += lanes
+            total = broadcast(fold_sum(total))
+            if c < inner:
+                i = part
+                while i < n:
+                    out[o, i, c] = grad(acc(g[o, i, c]), acc(y[o, i, c]), total)
+                    i += lanes
+            item += cuda.gridDim.x
+
+    return backward_columns
+
+
+@functools.cache
+def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
+    """log(sum(exp(x))) of each slice into out, shifted by the slice's max
+    as PyTorch does (by 0 when the max is infinite: +inf gives inf, a slice
+    of -inf gives -inf, NaN propagates). Two reads: max, then the sum.
+
+    regime "warp" (a warp per row), "shared"/"stream" (a block per row) or
+    "columns" (32-column tiles), as ``SoftmaxPlan``; out is (rows,) or
+    (outer, inner).
+
+    Launch config: ``SoftmaxPlan``: [grid, block].
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    neg_inf = acc_dt.type(-np.inf)
+    inf = acc_dt.type(np.inf)
+    group, pitch = _group_layout(regime, block)
+    fold_max = group_reducer("amax", strategy, group, pitch, block, acc_dt)
+    fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
+    broadcast = group_broadcaster(group, pitch, block, acc_dt)
+    safe_log = log_of(acc_dt)
+
+    @cuda.jit(device=True, inline=True)
+    def finite_or_zero(top):
+        return zero if (top == inf) | (top == neg_inf) else top
+
+    if regime != "columns":
+        rows_per_block = block // group
+
+        @cuda.jit
+        def logsumexp_rows(x, out):
+            tid = cuda.threadIdx.x
+            member = tid % group
+            rows, n = x.shape
+            items = (rows + rows_per_block - 1) // rows_per_block
+            item = int64(cuda.blockIdx.x)
+            while item < items:  # uniform over the block
+                row = item * rows_per_block + tid // group
+                valid = row < rows
+                top = neg_inf
+                if valid:
+                    j = member
+                    while j < n:
+                        top = maximum(top, acc(x[row, j]))
+                        j += group
+                shift = finite_or_zero(broadcast(fold_max(top)))
+                total = zero
+                if valid:
+                    j = member
+                    while j < n:
+                        total += math.exp(acc(x[row, j]) - shift)
+                        j += group
+                total = fold_sum(total)
+                if valid and member == 0:
+                    out[row] = out_type(safe_log(total) + shift)
+                item += cuda.gridDim.x
+
+        return logsumexp_rows
+
+    lanes = block // WARP
+
+    @cuda.jit
+    def logsumexp_columns(x, out):
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        part = tid // WARP
+        outer, n, inner = x.shape
+        tiles = (inner + WARP - 1) // WARP
+        item = int64(cuda.blockIdx.x)
+        while item < outer * tiles:  # uniform over the block
+            o, c = tile_column(item, tiles, lane)
+            top = neg_inf
+            if c < inner:
+                i = part
+                while i < n:
+                    top = maximum(top, acc(x[o, i, c]))
+                    i += lanes
+            shift = finite_or_zero(broadcast(fold_max(top)))
+            total = zero
+            if c < inner:
+                i = part
+                while i < n:
+                    total += math.exp(acc(x[o, i, c]) - shift)
+                    i += lanes
+            total = fold_sum(total)
+            if c < inner and part == 0:
+                out[o, c] = out_type(safe_log(total) + shift)
+            item += cuda.gridDim.x
+
+    return logsumexp_columns
+
+
+# --- host launchers ----------------------------------------------------------
+
+
+def launch_forward(kind, x, out, plan, strategy, stream):
+    """One launch: softmax/log_softmax of `x` into `out`, both (rows, n) for
+    the row regimes or (outer, n, inner) for "columns", as `plan` says."""
+    kernel = forward_kernel(
+        kind,
+        plan.regime,
+        strategy,
+        plan.block,
+        plan.values,
+        plan.cache,
+        np.dtype(out.dtype),
+    )
+    kernel[plan.grid, plan.block, stream](x, out)
+
+
+def launch_logsumexp(x, out, plan, strategy, stream):
+    kernel = logsumexp_kernel(plan.regime, strategy, plan.block, np.dtype(out.dtype))
+    kernel[plan.grid, plan.block, stream](x, out)
+
+
+def launch_backward(kind, g, y, out, plan, strategy, stream):
+    kernel = backward_kernel(
+        kind, plan.regime, strategy, plan.block, np.dtype(out.dtype)
+    )
+    kernel[plan.grid, plan.block, stream](g, y, out)
+
+
+# --- catalogue for compile checks -------------------------------------------
+
+
+def ptx_cases(block: int = 256):
+    """Every softmax kernel with the argument types it is launched with, as
+    ``cuda.reduce.ptx_cases``: each regime, direction and strategy for
+    float32 and float64; float16 (which computes in float32) with reduce=2.
+    The warp regime's register counts (values a lane) are all compiled for
+    reduce=2 and the smallest, a middle and the largest for 0 and 1."""
+    from softkern._launch import SHARED_ROW_BYTES, WARP, WARP_ROW_BYTES
+
+    for name in OUT_DTYPES:
+        dtype = np.dtype(name)
+        t = from_dtype(dtype)
+        itemsize = softmax_acc_dtype(dtype).itemsize
+        cache = SHARED_ROW_BYTES // itemsize
+        most = WARP_ROW_BYTES // itemsize // WARP  # 16 float32, 8 float64
+        for strategy in (2,) if name == "float16" else (0, 1, 2):
+            every = tuple(1 << k for k in range(most.bit_length()))
+            all_values = every if strategy == 2 else (1, most // 4, most)
+            for kind in FORWARD:
+                for values in all_values:
+                    yield (
+                        f"warp{values}/{kind}/{name}/r{strategy}",
+                        forward_kernel(kind, "warp", strategy, block, values, 0, dtype),
+                        (t[:, :], t[:, ::1]),
+                        name,
+                        strategy,
+                    )
+                for regime in ("shared", "stream"):
+                    size = cache if regime == "shared" else 0
+                    yield (
+                        f"{regime}/{kind}/{name}/r{strategy}",
+                        forward_kernel(kind, regime, strategy, block, 0, size, dtype),
+                        (t[:, :], t[:, ::1]),
+                        name,
+                        strategy,
+                    )
+                yield (
+                    f"columns/{kind}/{name}/r{strategy}",
+                    forward_kernel(kind, "columns", strategy, block, 0, 0, dtype),
+                    (t[:, :, :], t[:, :, ::1]),
+                    name,
+                    strategy,
+                )
+            for regime in ("warp", "stream"):
+                yield (
+                    f"{regime}/logsumexp/{name}/r{strategy}",
+                    logsumexp_kernel(regime, strategy, block, dtype),
+                    (t[:, :], t[::1]),
+                    name,
+                    strategy,
+                )
+            yield (
+                f"columns/logsumexp/{name}/r{strategy}",
+                logsumexp_kernel("columns", strategy, block, dtype),
+                (t[:, :, :], t[:, ::1]),
+                name,
+                strategy,
+            )
+            for kind in BACKWARD:
+                for regime in ("warp", "stream"):
+                    yield (
+                        f"{regime}/{kind}/{name}/r{strategy}",
+                        backward_kernel(kind, regime, strategy, block, dtype),
+                        (t[:, :], t[:, :], t[:, ::1]),
+                        name,
+                        strategy,
+                    )
+                yield (
+                    f"columns/{kind}/{name}/r{strategy}",
+                    backward_kernel(kind, "columns", strategy, block, dtype),
+                    (t[:, :, :], t[:, :, :], t[:, :, ::1]),
+                    name,
+                    strategy,
+                )

@@ -1,0 +1,143 @@
+"""GPU softmax kernels (the CUDA simulator without a GPU): every regime of
+``softmax_plan``, every reduction strategy, against float64 references.
+
+The simulator runs a Python thread per CUDA thread, so rows are short and
+the plan's limits are lowered (``small_regimes``) to reach the shared-memory
+and streaming regimes with rows of a few dozen elements; `small_grid` caps
+the grid at 4 blocks so blocks walk several rows. On a real GPU the same
+tests run with the real limits and blocks.
+"""
+
+import numpy as np
+import pytest
+from helpers import GPU_BLOCKS, SIMULATOR, to_gpu, to_host
+from numba import cuda
+from scipy import special
+from test_softmax_cpu import (
+    check_log_softmax,
+    check_softmax,
+    ref_log_softmax,
+    ref_softmax,
+)
+
+import softkern as sk
+from softkern import _launch
+
+pytestmark = pytest.mark.usefixtures("small_grid")
+
+BLOCK = GPU_BLOCKS[0]
+
+
+@pytest.fixture
+def small_regimes(monkeypatch):
+    """Rows over 64 float32 leave the warp regime and rows over 128 leave
+    shared memory, so short rows reach all three row regimes."""
+    if SIMULATOR:
+        monkeypatch.setattr(_launch, "WARP_ROW_BYTES", 256)
+        monkeypatch.setattr(_launch, "SHARED_ROW_BYTES", 512)
+
+
+def small(shape_sim, shape_gpu):
+    return shape_sim if SIMULATOR else shape_gpu
+
+
+# (shape, dim, regime): comments name the branch each shape hits.
+CASES = [
+    (small((9, 40), (4096, 500)), 1, "warp"),  # rows of 40: 2 values a lane
+    (small((3, 100), (64, 8000)), 1, "shared"),  # block per row, cached
+    (small((3, 150), (16, 20000)), -1, "stream"),  # block per row, read twice
+    (small((5, 4, 37), (64, 128, 512)), 1, "columns"),  # 37 columns: 2 tiles
+    (small((70, 3), (4096, 4096)), 0, "columns"),  # long columns
+]
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize("strategy", [0, 1, 2])
+@pytest.mark.parametrize(("shape", "dim", "regime"), CASES)
+def test_every_regime_and_strategy(rng, shape, dim, regime, strategy):
+    assert sk.softmax_plan(shape, dim, np.float32, BLOCK).regime == regime
+    x = (rng.standard_normal(shape) * 100).astype(np.float32)
+    d = to_gpu(x)
+    y = sk.softmax(d, dim, reduce=strategy, block=BLOCK)
+    assert sk.device_of(y) == "cuda"  # the kind of array it was given
+    check_softmax(to_host(y), x, dim, np.float32)
+    ly = sk.log_softmax(d, dim, reduce=strategy, block=BLOCK)
+    check_log_softmax(to_host(ly), x, dim, np.float32)
+    np.testing.assert_array_equal(to_host(d), x)  # input untouched
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize(("shape", "dim", "regime"), CASES)
+def test_logsumexp_and_backward_every_regime(rng, shape, dim, regime):
+    x = rng.standard_normal(shape).astype(np.float32) * 5
+    g = rng.standard_normal(shape).astype(np.float32)
+    d = to_gpu(x)
+    lse = to_host(sk.logsumexp(d, dim, block=BLOCK))
+    ref = special.logsumexp(x.astype(np.float64), dim)
+    np.testing.assert_allclose(lse, ref, rtol=1e-6, atol=1e-6)
+    y, ly = ref_softmax(x, dim).astype(np.float32), ref_log_softmax(x, dim)
+    ly = ly.astype(np.float32)
+    got = to_host(sk.softmax_backward(to_gpu(g), to_gpu(y), dim, block=BLOCK))
+    np.testing.assert_allclose(got, sk.softmax_backward(g, y, dim), 1e-5, 1e-6)
+    got = to_host(sk.log_softmax_backward(to_gpu(g), to_gpu(ly), dim, block=BLOCK))
+    np.testing.assert_allclose(got, sk.log_softmax_backward(g, ly, dim), 1e-5, 1e-6)
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize("dim", [1, 0])
+def test_special_values_every_row_regime(dim):
+    rows = np.array(
+        [
+            [1.0, -np.inf, 2.0] * 30,
+            [np.inf, 1.0, 2.0] * 30,
+            [np.nan, 1.0, 2.0] * 30,
+            [-np.inf] * 90,
+        ],
+        np.float32,
+    )
+    for width in (30, 90, 150) if dim == 1 else (90,):  # warp, shared, stream
+        x = np.resize(rows, (4, width)) if dim == 1 else rows.T.copy()
+        got = to_host(sk.softmax(to_gpu(x), dim, block=BLOCK))
+        expected = sk.softmax(x, dim)  # the CPU, tested against PyTorch's rules
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
+        lse = to_host(sk.logsumexp(to_gpu(x), dim, block=BLOCK))
+        np.testing.assert_allclose(lse, sk.logsumexp(x, dim), rtol=1e-6)
+
+
+def test_dtypes_on_the_gpu(rng):
+    x = rng.standard_normal((4, 40))
+    got = to_host(sk.softmax(to_gpu(x), 1, block=BLOCK))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref_softmax(x, 1), rtol=1e-13)
+    h = x.astype(np.float16)
+    got = to_host(sk.log_softmax(to_gpu(h), 0, block=BLOCK))
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, ref_log_softmax(h, 0), rtol=5e-4, atol=5e-4)
+    ints = rng.integers(-3, 3, (3, 20)).astype(np.int32)
+    got = to_host(sk.softmax(to_gpu(ints), 1, dtype=np.float32, block=BLOCK))
+    np.testing.assert_allclose(got, ref_softmax(ints, 1), rtol=5e-6)
+    with pytest.raises(TypeError, match="dtype="):
+        sk.softmax(to_gpu(ints), 1)
+
+
+def test_strided_device_input_and_zero_d(rng):
+    base = rng.standard_normal((6, 20)).astype(np.float32)
+    d = to_gpu(base)
+    view = d[::2, 1::3]  # a strided device view, read in place
+    got = to_host(sk.softmax(view, 1, block=BLOCK))
+    np.testing.assert_allclose(got, ref_softmax(base[::2, 1::3], 1), rtol=5e-6)
+    scalar = cuda.to_device(np.array(4.0, np.float32))
+    assert float(sk.softmax(scalar, 0, block=BLOCK)) == 1.0
+    assert float(sk.log_softmax(scalar, 0, block=BLOCK)) == 0.0
+    assert sk.softmax(to_gpu(np.empty((3, 0), np.float32)), 1).shape == (3, 0)
+
+
+def test_out_on_the_gpu_and_mixed_devices(rng):
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    out = cuda.device_array_like(x)
+    assert sk.softmax(to_gpu(x), 1, out=out, block=BLOCK) is out
+    np.testing.assert_allclose(to_host(out), ref_softmax(x, 1), rtol=5e-6)
+    with pytest.raises(TypeError):
+        sk.softmax(x, 1, out=out)
+    with pytest.raises(TypeError):
+        sk.softmax_backward(to_gpu(x), x, 1)

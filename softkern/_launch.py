@@ -1,7 +1,8 @@
 """Launch configuration: the one place that decides blocks, grids and groups.
 
 Both devices read the same plan. The GPU launches exactly the grid the plan
-names; the CPU kernels replay the GPU's association order from the same plan.
+names; the CPU reduction kernels replay the GPU's association order from the
+same plan.
 That is what makes a CPU sum and a GPU sum bit-identical, so nothing here may
 depend on the GPU model, only on the problem size and the block size.
 """
@@ -139,14 +140,20 @@ def dim_reduce_plan(
 # --- softmax -----------------------------------------------------------------
 
 # Rows up to this many bytes (of the accumulator type) run a warp per row,
-# held in registers: 64 bytes a lane, 16 float32 or 8 float64 values. Twice
-# that compiled (ptxas, cc 8.0) to 232-240 bytes of register spills a thread
-# once the unrolled exponentials are scheduled; longer rows go to shared
-# memory instead.
-WARP_ROW_BYTES = 2048
+# held in registers: 32 bytes a lane, 8 float32 or 4 float64 values, about 90
+# registers a thread once the unrolled exponentials are scheduled. 16 float32
+# values took 151-255 registers (one 256-thread block per SM) and 32 spilled;
+# longer rows go to shared memory instead.
+WARP_ROW_BYTES = 1024
+# Softmax kernels take at most this many threads a block: their register use
+# (up to ~95 a thread) times 1024 threads would exceed an SM's 65536
+# registers, and the shared regime's row cache plus three block-sized scratch
+# arrays must stay within 48 KiB. Kernels are compiled with this launch bound.
+SOFTMAX_MAX_BLOCK = 512
 # A block per row caches its row in shared memory when it fits in this many
-# bytes: with the reduction scratch, below the 48 KiB a block may use without
-# opting in, and small enough for several blocks per SM. Tests lower it to
+# bytes: with the scratch of a 512-thread float64 block (3 x 4 KiB), below the
+# 48 KiB a block may use without opting in, and small enough for several
+# blocks per SM. Tests lower it to
 # reach the streaming regime with short rows in the simulator.
 SHARED_ROW_BYTES = 32 * 1024
 # The CPU column regime works on strips of columns whose whole height fits in
@@ -209,6 +216,11 @@ def softmax_plan(
     an array of `shape` and output `dtype` over `dim` (may be negative)."""
     shape = tuple(int(s) for s in shape)
     block = check_block(block)
+    if block > SOFTMAX_MAX_BLOCK:
+        raise ValueError(
+            f"block must be at most {SOFTMAX_MAX_BLOCK} for the softmax kernels "
+            f"(registers and shared memory per block), got {block}"
+        )
     if isinstance(dim, (tuple, list)) or dim is None:
         raise TypeError(f"softmax dim must be one int, got {dim!r}")
     dims = _layout.normalize_dims(dim, len(shape))

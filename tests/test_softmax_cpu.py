@@ -173,6 +173,15 @@ def test_legacy_dim_warns_and_picks_pytorchs():
 # --- dtypes -------------------------------------------------------------------
 
 
+def test_dtype_float16_rounds_before_computing():
+    # as torch.softmax(x, dtype=torch.half): 70000 becomes inf first
+    x = np.array([[70000.0, 0.0], [1.0, 2.0]])
+    y = sk.softmax(x, 1, dtype=np.float16)
+    assert y.dtype == np.float16
+    assert np.isnan(y[0]).all()
+    np.testing.assert_allclose(y[1], ref_softmax(x[1:], 1)[0], rtol=1e-3)
+
+
 def test_dtype_casts_first(rng):
     x = rng.standard_normal((4, 9)).astype(np.float32)
     y = sk.softmax(x, 1, dtype=np.float64)
@@ -271,10 +280,15 @@ def test_out_argument(rng):
     np.testing.assert_allclose(inplace, ref_log_softmax(x, 0), atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         sk.softmax(x, 1, out=np.empty((4, 32), np.float32))
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         sk.softmax(x, 1, out=np.empty((4, 33), np.float64))
     with pytest.raises(ValueError, match="contiguous"):
         sk.softmax(x, 1, out=np.empty((33, 4), np.float32).T)
+    with pytest.raises(TypeError, match="array"):
+        sk.softmax(x[0], 0, out=[0.0] * 33)
+    buffer = rng.standard_normal(16).astype(np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        sk.softmax(buffer[:6].reshape(2, 3), 0, out=buffer[2:8].reshape(2, 3))
 
 
 def test_softmax_allocates_only_its_output(rng):
@@ -298,8 +312,8 @@ def test_softmax_allocates_only_its_output(rng):
     ("shape", "dim", "regime", "cpu_regime"),
     [
         ((4096, 128), 1, "warp", "rows"),  # 512 B rows: a warp per row
-        ((4096, 512), -1, "warp", "rows"),  # the longest register row (2 KiB)
-        ((16, 513), 1, "shared", "rows"),  # block per row, cached
+        ((4096, 256), -1, "warp", "rows"),  # the longest register row (1 KiB)
+        ((16, 257), 1, "shared", "rows"),  # block per row, cached
         ((16, 8192), 1, "shared", "rows"),  # 32 KiB of float32: still cached
         ((16, 8193), 1, "stream", "rows"),  # longer: read twice
         ((64, 128, 512), 1, "columns", "columns"),
@@ -315,17 +329,25 @@ def test_plan_regimes(shape, dim, regime, cpu_regime):
     assert 1 <= plan.grid <= _launch.MAX_GRID
 
 
+def test_plan_block_limit():
+    assert sk.softmax_plan((4, 5), 1, np.float32, 512).block == 512
+    with pytest.raises(ValueError, match="at most 512"):
+        sk.softmax_plan((4, 5), 1, np.float32, 1024)
+    with pytest.raises(ValueError, match="at most 512"):
+        sk.softmax(np.ones((2, 3)), 1, block=1024)
+
+
 def test_plan_float64_holds_half_the_elements():
-    assert sk.softmax_plan((4, 256), 1, np.float64).regime == "warp"
-    assert sk.softmax_plan((4, 257), 1, np.float64).regime == "shared"
-    assert sk.softmax_plan((4, 512), 1, np.float16).regime == "warp"
+    assert sk.softmax_plan((4, 128), 1, np.float64).regime == "warp"
+    assert sk.softmax_plan((4, 129), 1, np.float64).regime == "shared"
+    assert sk.softmax_plan((4, 256), 1, np.float16).regime == "warp"
     assert sk.softmax_plan((4, 4096), 1, np.float64).regime == "shared"
     assert sk.softmax_plan((4, 4097), 1, np.float64).regime == "stream"
     assert sk.softmax_plan((4, 8192), 1, np.float16).regime == "shared"
 
 
 def test_plan_warp_values_cover_the_row():
-    for n in (1, 31, 32, 33, 64, 65, 500, 512):
+    for n in (1, 31, 32, 33, 64, 65, 200, 256):
         plan = sk.softmax_plan((3, n), 1, np.float32)
         assert plan.regime == "warp"
         assert plan.values * 32 >= n > plan.values * 16 or n <= 32

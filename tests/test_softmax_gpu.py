@@ -1,5 +1,6 @@
 """GPU softmax kernels (the CUDA simulator without a GPU): every regime of
-``softmax_plan``, every reduction strategy, against float64 references.
+``softmax_plan`` against float64 references, softmax and log_softmax with
+every reduction strategy, logsumexp and the backward passes with reduce=2.
 
 The simulator runs a Python thread per CUDA thread, so rows are short and
 the plan's limits are lowered (``small_regimes``) to reach the shared-memory
@@ -43,7 +44,7 @@ def small(shape_sim, shape_gpu):
 
 # (shape, dim, regime): comments name the branch each shape hits.
 CASES = [
-    (small((9, 40), (4096, 500)), 1, "warp"),  # rows of 40: 2 values a lane
+    (small((9, 40), (4096, 250)), 1, "warp"),  # rows of 40: 2 values a lane
     (small((3, 100), (64, 8000)), 1, "shared"),  # block per row, cached
     (small((3, 150), (16, 20000)), -1, "stream"),  # block per row, read twice
     (small((5, 4, 37), (64, 128, 512)), 1, "columns"),  # 37 columns: 2 tiles
@@ -83,25 +84,48 @@ def test_logsumexp_and_backward_every_regime(rng, shape, dim, regime):
     np.testing.assert_allclose(got, sk.log_softmax_backward(g, ly, dim), 1e-5, 1e-6)
 
 
+SPECIAL_ROWS = (
+    [1.0, -np.inf, 2.0],  # -inf among finite values: 0 there
+    [np.inf, 1.0, 2.0],  # +inf: the slice is NaN
+    [np.nan, 1.0, 2.0],  # NaN: the slice is NaN
+    [-np.inf, -np.inf, -np.inf],  # only -inf: NaN (logsumexp: -inf)
+    [0.5, 1.5, -0.5],  # finite: untouched by its neighbours
+)
+
+
 @pytest.mark.usefixtures("small_regimes")
-@pytest.mark.parametrize("dim", [1, 0])
-def test_special_values_every_row_regime(dim):
-    rows = np.array(
-        [
-            [1.0, -np.inf, 2.0] * 30,
-            [np.inf, 1.0, 2.0] * 30,
-            [np.nan, 1.0, 2.0] * 30,
-            [-np.inf] * 90,
-        ],
-        np.float32,
-    )
-    for width in (30, 90, 150) if dim == 1 else (90,):  # warp, shared, stream
-        x = np.resize(rows, (4, width)) if dim == 1 else rows.T.copy()
-        got = to_host(sk.softmax(to_gpu(x), dim, block=BLOCK))
-        expected = sk.softmax(x, dim)  # the CPU, tested against PyTorch's rules
+@pytest.mark.parametrize("width", [30, 90, 150])  # warp, shared, stream
+def test_special_values_every_row_regime(width):
+    # each row repeats its own pattern, so every thread meets the special value
+    x = np.array([np.resize(row, width) for row in SPECIAL_ROWS], np.float32)
+    for dim, data in ((1, x), (0, x.T.copy())):
+        got = to_host(sk.softmax(to_gpu(data), dim, block=BLOCK))
+        expected = sk.softmax(data, dim)  # the CPU, tested against PyTorch's rules
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
-        lse = to_host(sk.logsumexp(to_gpu(x), dim, block=BLOCK))
-        np.testing.assert_allclose(lse, sk.logsumexp(x, dim), rtol=1e-6)
+        lse = to_host(sk.logsumexp(to_gpu(data), dim, block=BLOCK))
+        np.testing.assert_allclose(lse, sk.logsumexp(data, dim), rtol=1e-6)
+    assert np.isnan(sk.softmax(x, 1)[1:4]).all()
+
+
+@pytest.mark.usefixtures("small_regimes")
+def test_nan_seen_by_only_some_threads_poisons_the_slice():
+    # columns: with 64 threads a block, two threads share each column, and
+    # one of them sees only the NaN; stream: even threads see only NaN.
+    cases = [
+        (np.array([[np.nan, np.nan], [1.0, 2.0]], np.float32), 0, GPU_BLOCKS[1]),
+        (np.array([[np.nan, 1.0] * 80], np.float32), 1, BLOCK),
+    ]
+    for x, dim, block in cases:
+        for fn in (sk.softmax, sk.log_softmax):
+            got = to_host(fn(to_gpu(x), dim, block=block))
+            assert np.isnan(got).all(), (fn.__name__, x.shape, got)
+
+
+def test_dtype_float16_rounds_first_on_the_gpu():
+    x = np.array([[70000.0, 0.0], [1.0, 2.0]])
+    got = to_host(sk.softmax(to_gpu(x), 1, dtype=np.float16, block=BLOCK))
+    assert got.dtype == np.float16 and np.isnan(got[0]).all()
+    np.testing.assert_allclose(got[1], ref_softmax(x[1:], 1)[0], rtol=1e-3)
 
 
 def test_dtypes_on_the_gpu(rng):

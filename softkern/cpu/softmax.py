@@ -16,8 +16,10 @@ is ``simd_exp.exp32``/``exp64``, and the sum may reassociate (fastmath
 Sums of float32 accumulate in float64: the relative error of the sum stays
 near 1e-7 for rows of any length.
 
-Memory: the output, plus per strip two rows of `strip` numbers; nothing of
-the input's size.
+Memory: the output, plus per strip a few rows of `strip` numbers; nothing of
+the input's size (except for float16, which Numba cannot compute with on the
+CPU: its input is widened to a float32 copy, and its result computed in
+float32 before it is rounded).
 """
 
 from __future__ import annotations

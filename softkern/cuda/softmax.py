@@ -3,7 +3,7 @@
 The input is viewed as (outer, n, inner) around the softmax dim, and
 ``softkern._launch.softmax_plan`` picks one of four regimes:
 
-- ``warp``: inner == 1 and the row is at most 2 KiB (512 float32). A warp
+- ``warp``: inner == 1 and the row is at most 1 KiB (256 float32). A warp
   owns a row and holds it in registers (each lane keeps `values` elements,
   lane l the elements l, l + 32, ...): one read, one write, no shared memory
   for the row.
@@ -34,7 +34,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, int64
+from numba import config, cuda, int64
 from numba.np.numpy_support import from_dtype
 
 from softkern._launch import WARP, softmax_acc_dtype
@@ -44,6 +44,15 @@ FORWARD = ("softmax", "log_softmax")
 BACKWARD = ("softmax_backward", "log_softmax_backward")
 # Output dtypes the kernels write; float16 output is computed in float32.
 OUT_DTYPES = ("float16", "float32", "float64")
+
+
+def bounded_kernel(block: int):
+    """``cuda.jit`` for a kernel launched with `block` threads a block: the
+    launch bound lets ptxas budget registers for that block size (the
+    simulator's jit takes no launch bounds)."""
+    if config.ENABLE_CUDASIM:
+        return cuda.jit
+    return cuda.jit(launch_bounds=block)
 
 
 def _types(out_dtype):
@@ -100,8 +109,9 @@ def group_stats(strategy: int, group: int, pitch: int, block: int, dtype):
     Each member passes its running max `m` and its sum `d` of exp(x - m);
     every member gets the group's (M, D): M = max of the m, then
     D = sum of d * exp(m - M), both folded with `strategy`. A member with no
-    finite contribution (m = -inf) adds 0, so a row of -inf keeps D = 0 and
-    its softmax is NaN, as in PyTorch; a NaN or +inf makes D NaN.
+    finite contribution (m = -inf) adds d * 0: 0, so a row of -inf keeps
+    D = 0 and its softmax is NaN, as in PyTorch, or NaN when it saw a NaN; a
+    +inf makes D NaN through exp(inf - inf).
 
     Launch config: as ``group_reducer`` and ``group_broadcaster``.
     """
@@ -114,7 +124,9 @@ def group_stats(strategy: int, group: int, pitch: int, block: int, dtype):
     @cuda.jit(device=True, inline=True)
     def merge(m, d):
         top = broadcast(fold_max(m))
-        scaled = d * math.exp(m - top) if m != neg_inf else zero
+        # d * 0, not 0: a thread that saw only NaN (and -inf) keeps m = -inf
+        # and d = NaN, and that NaN must still reach the slice.
+        scaled = d * math.exp(m - top) if m != neg_inf else d * zero
         return top, broadcast(fold_sum(scaled))
 
     return merge
@@ -203,6 +215,12 @@ def forward_kernel(
     safe_log = log_of(acc_dt)
 
     @cuda.jit(device=True, inline=True)
+    def load(v):
+        # dtype= casts x before computing (as torch.softmax): a float64 x
+        # with dtype=float16 rounds to float16 first, then computes in float32.
+        return acc(out_type(v))
+
+    @cuda.jit(device=True, inline=True)
     def scale_of(total):
         # softmax multiplies by 1 / sum; log_softmax subtracts log(sum). A
         # sum of 0 (a slice of -inf) gives NaN either way: exp(NaN) * inf
@@ -220,7 +238,7 @@ def forward_kernel(
     if regime == "warp":
         rows_per_block = block // WARP
 
-        @cuda.jit
+        @bounded_kernel(block)
         def softmax_warp(x, out):
             """A warp per row, the row in registers: lane l holds elements
             l, l + 32, ..., (values of them); read once, written once."""
@@ -238,7 +256,7 @@ def forward_kernel(
                     j = lane + k * WARP
                     v = neg_inf
                     if valid and j < n:
-                        v = acc(x[row, j])
+                        v = load(x[row, j])
                     row_values[k] = v
                     top = maximum(top, v)
                 top = broadcast(fold_max(top))
@@ -265,7 +283,7 @@ def forward_kernel(
 
     if regime == "shared":
 
-        @cuda.jit
+        @bounded_kernel(block)
         def softmax_shared(x, out):
             """A block per row, cached in shared memory: each thread keeps
             the elements it loads (j = tid, tid + block, ...) and reads only
@@ -278,7 +296,7 @@ def forward_kernel(
                 top = neg_inf
                 j = tid
                 while j < n:
-                    v = acc(x[row, j])
+                    v = load(x[row, j])
                     row_cache[j] = v
                     top = maximum(top, v)
                     j += block
@@ -306,7 +324,7 @@ def forward_kernel(
 
     if regime == "stream":
 
-        @cuda.jit
+        @bounded_kernel(block)
         def softmax_stream(x, out):
             """A block per row, read twice: thread t keeps an online max and
             sum over elements t, t + block, ...; the block merges them; a
@@ -319,13 +337,13 @@ def forward_kernel(
                 total = zero
                 j = tid
                 while j < n:
-                    top, total = update(top, total, acc(x[row, j]))
+                    top, total = update(top, total, load(x[row, j]))
                     j += block
                 top, total = merge(top, total)
                 scale = scale_of(total)
                 j = tid
                 while j < n:
-                    out[row, j] = finish(acc(x[row, j]), top, scale)
+                    out[row, j] = finish(load(x[row, j]), top, scale)
                     j += block
                 row += cuda.gridDim.x
 
@@ -333,7 +351,7 @@ def forward_kernel(
 
     lanes = block // WARP
 
-    @cuda.jit
+    @bounded_kernel(block)
     def softmax_columns(x, out):
         """Tiles of 32 columns: thread (c, r) = (tid % 32, tid // 32) keeps
         an online max and sum over x[o, r, c], x[o, r + lanes, c], ... (a
@@ -352,14 +370,14 @@ def forward_kernel(
             if c < inner:
                 i = part
                 while i < n:
-                    top, total = update(top, total, acc(x[o, i, c]))
+                    top, total = update(top, total, load(x[o, i, c]))
                     i += lanes
             top, total = merge(top, total)
             if c < inner:
                 scale = scale_of(total)
                 i = part
                 while i < n:
-                    out[o, i, c] = finish(acc(x[o, i, c]), top, scale)
+                    out[o, i, c] = finish(load(x[o, i, c]), top, scale)
                     i += lanes
             item += cuda.gridDim.x
 
@@ -396,7 +414,7 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
     if regime != "columns":
         rows_per_block = block // group
 
-        @cuda.jit
+        @bounded_kernel(block)
         def backward_rows(g, y, out):
             """`group` threads per row: member r sums elements r, r + group,
             ...; the group folds and broadcasts; then each member writes
@@ -426,7 +444,7 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
 
     lanes = block // WARP
 
-    @cuda.jit
+    @bounded_kernel(block)
     def backward_columns(g, y, out):
         """Tiles of 32 columns by `lanes` threads, as ``softmax_columns``."""
         tid = cuda.threadIdx.x
@@ -483,7 +501,7 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
     if regime != "columns":
         rows_per_block = block // group
 
-        @cuda.jit
+        @bounded_kernel(block)
         def logsumexp_rows(x, out):
             tid = cuda.threadIdx.x
             member = tid % group
@@ -515,7 +533,7 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
 
     lanes = block // WARP
 
-    @cuda.jit
+    @bounded_kernel(block)
     def logsumexp_columns(x, out):
         tid = cuda.threadIdx.x
         lane = tid % WARP
@@ -584,8 +602,37 @@ def ptx_cases(block: int = 256):
     ``cuda.reduce.ptx_cases``: each regime, direction and strategy for
     float32 and float64; float16 (which computes in float32) with reduce=2.
     The warp regime's register counts (values a lane) are all compiled for
-    reduce=2 and the smallest, a middle and the largest for 0 and 1."""
-    from softkern._launch import SHARED_ROW_BYTES, WARP, WARP_ROW_BYTES
+    reduce=2 and the smallest and largest for 0 and 1."""
+    from softkern._launch import (
+        SHARED_ROW_BYTES,
+        SOFTMAX_MAX_BLOCK,
+        WARP,
+        WARP_ROW_BYTES,
+    )
+
+    # The largest block, where registers and shared memory are tightest: the
+    # biggest register rows, and the shared regime with the most scratch.
+    big = SOFTMAX_MAX_BLOCK
+    for name, kind, regime, values, strategy in (
+        ("float32", "softmax", "warp", WARP_ROW_BYTES // 4 // WARP, 2),
+        ("float64", "log_softmax", "warp", WARP_ROW_BYTES // 8 // WARP, 0),
+        ("float64", "softmax", "shared", 0, 0),
+        ("float32", "softmax", "stream", 0, 1),
+        ("float32", "softmax", "columns", 0, 2),
+    ):
+        dtype = np.dtype(name)
+        t = from_dtype(dtype)
+        cache = SHARED_ROW_BYTES // dtype.itemsize if regime == "shared" else 0
+        dims = (
+            (t[:, :, :], t[:, :, ::1]) if regime == "columns" else (t[:, :], t[:, ::1])
+        )
+        yield (
+            f"b{big}/{regime}{values or ''}/{kind}/{name}/r{strategy}",
+            forward_kernel(kind, regime, strategy, big, values, cache, dtype),
+            dims,
+            name,
+            strategy,
+        )
 
     for name in OUT_DTYPES:
         dtype = np.dtype(name)
@@ -595,7 +642,7 @@ def ptx_cases(block: int = 256):
         most = WARP_ROW_BYTES // itemsize // WARP  # 16 float32, 8 float64
         for strategy in (2,) if name == "float16" else (0, 1, 2):
             every = tuple(1 << k for k in range(most.bit_length()))
-            all_values = every if strategy == 2 else (1, most // 4, most)
+            all_values = every if strategy == 2 else (1, most)
             for kind in FORWARD:
                 for values in all_values:
                     yield (

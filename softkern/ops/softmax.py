@@ -93,27 +93,39 @@ def _cpu_input(x3: np.ndarray) -> np.ndarray:
     return x3.astype(np.float32) if x3.dtype == np.float16 else x3
 
 
-def _given_out(
-    x: Any, a: _Operand, out: Any, dtype: np.dtype, fn: str
-) -> tuple[Any, Any]:
+def _given_out(a: _Operand, out: Any, dtype: np.dtype, fn: str) -> tuple[Any, Any]:
     """(native, kernel view) of a caller's `out=` array, checked."""
-    _dispatch.device_of(x, out)
+    if isinstance(out, (int, float, complex, bool, list, tuple)):
+        raise TypeError(f"{fn}: out must be an array, got {type(out).__name__}")
     o = _Operand(out, "out")
-    if o.shape != a.shape or o.dtype != dtype:
-        raise ValueError(
-            f"{fn}: out must have shape {a.shape} and dtype {dtype}, got shape "
-            f"{o.shape} and dtype {o.dtype}"
+    if o.device != a.device:
+        raise TypeError(
+            f"{fn}: x is on the {a.device.upper()} but out is on the "
+            f"{o.device.upper()}; pass them on one device"
         )
-    itemsize = dtype.itemsize
-    step, contiguous = itemsize, True
+    if o.shape != a.shape:
+        raise ValueError(f"{fn}: out must have shape {a.shape}, got {o.shape}")
+    if o.dtype != dtype:
+        raise TypeError(f"{fn}: out must have dtype {dtype}, got {o.dtype}")
+    step, contiguous = dtype.itemsize, True
     for size, stride in zip(o.shape[::-1], o.array.strides[::-1], strict=True):
         if size > 1 and stride != step:
             contiguous = False
         step *= max(size, 1)
     if not contiguous:
         raise ValueError(f"{fn}: out must be C-contiguous")
-    if o.call is None and not o.array.flags.writeable:
-        raise ValueError(f"{fn}: out is read-only")
+    if o.call is None:
+        if not o.array.flags.writeable:
+            raise ValueError(f"{fn}: out is read-only")
+        # Each element is read before it is written in every kernel, so x
+        # itself may be out; any other overlap would read results as input.
+        same = (
+            o.array.__array_interface__["data"][0]
+            == a.array.__array_interface__["data"][0]
+            and o.array.strides == a.array.strides
+        )
+        if not same and np.shares_memory(o.array, a.array):
+            raise ValueError(f"{fn}: out overlaps x (only out=x itself is allowed)")
     return out, o.array
 
 
@@ -136,13 +148,16 @@ def _forward(
     if out is None:
         native, out = a.empty(a.shape, out_dtype)
     else:
-        native, out = _given_out(x, a, out, out_dtype, fn)
+        native, out = _given_out(a, out, out_dtype, fn)
     if math.prod(a.shape) == 0:
         return native
     x3 = _three_d(a, plan.dim)
     shape3 = (plan.outer, plan.n, plan.inner)
     log = kind == "log_softmax"
     if a.call is None:
+        if out_dtype != x3.dtype and out_dtype.itemsize < 4:
+            with np.errstate(over="ignore"):  # too large for float16: inf
+                x3 = x3.astype(out_dtype)  # dtype= casts first, as PyTorch does
         x3 = _cpu_input(x3)
         acc = _launch.softmax_acc_dtype(out_dtype)
         target = out if out_dtype == acc else np.empty(a.shape, acc)
@@ -180,7 +195,8 @@ def softmax(
     float16 computes in float32. A slice holding NaN or +inf, or only -inf,
     is NaN throughout, as in PyTorch. `out`, a C-contiguous array of x's
     kind, shape and result dtype, receives the result instead of a new array
-    (it may be x itself; no other overlap with x is allowed); reusing one
+    (it may be x itself; another overlap with x is a ValueError on the CPU
+    and undefined on the GPU); reusing one
     saves the page faults of a fresh large allocation on every call.
     `reduce` (0/1/2) and `block` choose the
     GPU kernels' in-block max and sum strategy and block size (the plan is

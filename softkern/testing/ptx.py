@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, kernel, argtypes, dtype, strategy in cases:
         record = {"name": name, "dtype": dtype, "strategy": strategy, "cc": args.cc}
         try:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=cc)
+            # the kernel's own launch bound, so ptxas budgets registers as
+            # it will for the real launch
+            bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")
+            ptx, _ = cuda.compile_ptx(
+                kernel.py_func, argtypes, cc=cc, launch_bounds=bounds
+            )
             record.update(kernel_facts(ptx))
         except Exception as e:  # reported, so one failure hides no other
             record["error"] = f"{type(e).__name__}: {e}"[:2000]

@@ -1,5 +1,5 @@
-"""Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py and
-bench/bench_softmax.py.
+"""Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py,
+bench/bench_softmax.py and bench/bench_broadcast.py.
 
     python bench/table.py RESULTS.json [--device cpu] > table.md
     python bench/table.py RESULTS.json [--device cpu] --readme README.md
@@ -8,10 +8,10 @@ bench/bench_softmax.py.
 
 One table per benchmark group; rows are implementations. Which benchmark a
 row belongs to is read from the JSON (``--bench`` picks one when a file holds
-both). With ``--readme`` each benchmark's tables replace whatever lies
+several). With ``--readme`` each benchmark's tables replace whatever lies
 between its markers in that file (``MARKERS``: ``<!-- bench:reduce:start -->``
-... ``<!-- bench:reduce:end -->``, and the same with ``softmax``); a file
-without them is left untouched.
+... ``<!-- bench:reduce:end -->``, and the same with ``softmax`` and
+``broadcast``); a file without them is left untouched.
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ START = "<!-- bench:reduce:start -->"
 END = "<!-- bench:reduce:end -->"
 SOFTMAX_START = "<!-- bench:softmax:start -->"
 SOFTMAX_END = "<!-- bench:softmax:end -->"
-MARKERS = {"reduce": (START, END), "softmax": (SOFTMAX_START, SOFTMAX_END)}
+BROADCAST_START = "<!-- bench:broadcast:start -->"
+BROADCAST_END = "<!-- bench:broadcast:end -->"
+MARKERS = {
+    "reduce": (START, END),
+    "softmax": (SOFTMAX_START, SOFTMAX_END),
+    "broadcast": (BROADCAST_START, BROADCAST_END),
+}
 BENCHES = tuple(MARKERS)
 
 
 def bench_kind(bench: dict[str, Any]) -> str:
-    """ "reduce" or "softmax": bench_softmax.py names itself in extra_info;
-    older reduce results carry no name."""
+    """ "reduce", "softmax" or "broadcast": bench_softmax.py and
+    bench_broadcast.py name themselves in extra_info; older reduce results
+    carry no name."""
     info = bench.get("extra_info", {})
     if info.get("bench"):
         return str(info["bench"])
@@ -72,6 +79,20 @@ SOFTMAX_NOTE = (
     "`np.copyto` floor's (a preallocated copy of the same bytes): 1 is as "
     "fast as memory allows. `softkern` allocates its result on every call; "
     "`softkern out=` writes into a preallocated array."
+)
+BROADCAST_NOTE = (
+    "- Times are per call: min and median over the rounds, float32 operands "
+    "(seeded standard normals; a condition about half true) and a float32 "
+    "result, allocated on every call (the copy writes into a preallocated "
+    "one). GB/s = bytes / min time, where a "
+    "where or expand row's bytes are its operands' bytes (each read once) + "
+    "the result's, and the copy's are the result's bytes read and written. "
+    "`numpy / this` = NumPy's min time / this row's (NumPy is the reference "
+    "row): above 1 is faster than NumPy; `torch / this` the same against "
+    "PyTorch. `this / copy` = this row's min time / the `np.copyto` floor's "
+    "(a preallocated array of the result's shape, read and written): 1 is "
+    "the speed of copying the result; an expand, which reads almost nothing, "
+    "can go below 1."
 )
 
 
@@ -314,6 +335,92 @@ def render_softmax(
     return "\n".join(out).rstrip() + "\n"
 
 
+# Broadcast: rows are found by their impl key (bench_broadcast.IMPLS).
+
+
+def _broadcast_key(bench: dict[str, Any]) -> tuple:
+    info = bench.get("extra_info", {})
+    return (info.get("device", ""), bench.get("group") or "")
+
+
+def _broadcast_groups(
+    benches: Sequence[dict[str, Any]],
+) -> dict[tuple, list[dict[str, Any]]]:
+    """Groups in the order they ran, per device."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for b in benches:
+        groups.setdefault(_broadcast_key(b), []).append(b)
+    keys = sorted(enumerate(groups), key=lambda ik: (ik[1][0], ik[0]))
+    return {k: groups[k] for _, k in keys}
+
+
+def broadcast_group_table(benches: Sequence[dict[str, Any]]) -> list[str]:
+    by_impl = {b["extra_info"].get("impl"): b for b in benches}
+    numpy, torch, copy = (by_impl.get(k) for k in ("numpy", "torch", "copy"))
+    info0 = benches[0]["extra_info"]
+    lines = [
+        f"**{benches[0].get('group')}** ({info0.get('n', 0):,} elements)",
+        "",
+        "| implementation | min ms | median ms | GB/s | numpy / this | "
+        "torch / this | this / copy | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in benches:
+        info, st = b["extra_info"], b["stats"]
+        gbps = info["bytes"] / st["min"] / 1e9 if info.get("bytes") else None
+        name = _label(b) + (" (ref)" if info.get("reference") else "")
+        lines.append(
+            f"| {name} | {fmt_ms(st['min'])} | {fmt_ms(st['median'])} | "
+            f"{'n/a' if gbps is None else f'{gbps:.1f}'} | "
+            f"{_ratio(numpy, b)} | {_ratio(torch, b)} | {_ratio(b, copy)} | "
+            f"{st['rounds']} |"
+        )
+    return lines
+
+
+def broadcast_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """One row per call pattern: softkern against NumPy, PyTorch and the copy
+    floor."""
+    lines = [
+        "| call | result | softkern ms | numpy ms | torch ms | copy ms | "
+        "numpy / softkern | torch / softkern | softkern / copy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for benches in groups.values():
+        by_impl = {b["extra_info"].get("impl"): b for b in benches}
+        sk, numpy, torch, copy = (
+            by_impl.get(k) for k in ("softkern", "numpy", "torch", "copy")
+        )
+        info = benches[0]["extra_info"]
+        times = [
+            "n/a" if b is None else fmt_ms(b["stats"]["min"])
+            for b in (sk, numpy, torch, copy)
+        ]
+        lines.append(
+            f"| {info.get('call', benches[0].get('group'))} | {_shape(info)} | "
+            + " | ".join(times)
+            + f" | {_ratio(numpy, sk)} | {_ratio(torch, sk)} | {_ratio(sk, copy)} |"
+        )
+    return lines
+
+
+def render_broadcast(
+    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+) -> str:
+    groups = _broadcast_groups(benches)
+    devices = {b.get("extra_info", {}).get("device", "") for b in benches}
+    out = [
+        *header(data, devices, BROADCAST_NOTE, _row_versions(benches)),
+        "",
+        *broadcast_summary_table(groups),
+        "",
+    ]
+    if not summary:
+        for benches_ in groups.values():
+            out += [*broadcast_group_table(benches_), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def select(
     data: dict[str, Any], device: str | None, bench: str | None = None
 ) -> list[dict[str, Any]]:
@@ -351,6 +458,8 @@ def render(
         )
     if bench == "softmax":
         return render_softmax(data, benches, summary)
+    if bench == "broadcast":
+        return render_broadcast(data, benches, summary)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for b in benches:
         groups.setdefault(_group_key(b), []).append(b)

@@ -9,6 +9,7 @@ from numba import config as _numba_config
 
 from softkern import nn
 from softkern._dispatch import device_of
+from softkern.ops.broadcast import broadcast_shapes, expand, where
 from softkern.ops.reduce import amax, amin, dot, sum
 from softkern.ops.softmax import (
     log_softmax,
@@ -29,8 +30,10 @@ __version__ = "0.1.0"
 __all__ = [
     "amax",
     "amin",
+    "broadcast_shapes",
     "device_of",
     "dot",
+    "expand",
     "log_softmax",
     "log_softmax_backward",
     "logsumexp",
@@ -39,4 +42,5 @@ __all__ = [
     "softmax_backward",
     "softmax_plan",
     "sum",
+    "where",
 ]

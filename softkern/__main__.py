@@ -73,6 +73,20 @@ def check_examples(on_gpu: bool, block: int | None) -> list[tuple[str, bool, str
             np.log(np.exp(x64).sum(1)),
         ),
     ]
+    col = rng.standard_normal((7, 1)).astype(np.float32)
+    cond = x > 0
+    cases += [
+        (
+            "expand(x[:, :1], 3, 7, 45)",
+            lambda m: sk.expand(m(col), 3, 7, 45, block=block),
+            np.broadcast_to(col.astype(np.float64), (3, 7, 45)),
+        ),
+        (
+            "where(x > 0, x, y)",
+            lambda m: sk.where(m(cond), m(x), m(y), block=block),
+            np.where(cond, x64, y.astype(np.float64)),
+        ),
+    ]
     devices = [("cpu", np.ascontiguousarray)]
     if on_gpu or numba_config.ENABLE_CUDASIM:
         devices.append(("gpu", cuda.to_device))

@@ -10,6 +10,7 @@ depend on the GPU model, only on the problem size and the block size.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,4 +259,70 @@ def softmax_plan(
         grid=grid,
         cpu_regime="rows" if inner == 1 else "columns",
         cpu_strip=strip,
+    )
+
+
+# --- broadcasting (expand, where) ------------------------------------------------
+
+# CPU work items cut rows into pieces of at most this many elements, so one
+# long row (a broadcast along the last dim only) still uses every core.
+BROADCAST_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class BroadcastPlan:
+    """How an elementwise op writes an output of `out_shape` from operands
+    read with broadcast strides.
+
+    `shape` and `strides` (in elements, one tuple per operand, 0 on broadcast
+    dims) are the collapsed problem: size-1 dims dropped and dims that every
+    operand walks as one merged. `contiguous`: every operand reads output
+    element i at its own offset i (same shape, C order): the fast path with no
+    index arithmetic. GPU: one thread per output element, `grid` blocks of
+    `block` threads in a grid-stride loop, 64-bit indices. CPU: `items` work
+    items, each `chunk` elements of one row of the last collapsed dim.
+    """
+
+    out_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    strides: tuple[tuple[int, ...], ...]
+    n: int
+    contiguous: bool
+    block: int
+    grid: int
+    last: int
+    chunk: int
+    items: int
+
+
+def broadcast_plan(
+    out_shape: tuple[int, ...],
+    operand_strides: Sequence[tuple[int, ...]],
+    block: int | None = None,
+) -> BroadcastPlan:
+    """The plan for writing `out_shape` from operands whose element strides,
+    already broadcast to `out_shape` (see ``_layout.broadcast_strides``), are
+    `operand_strides`. Pure arithmetic on Python ints: a shape of more than
+    2**31 elements can be planned (and its index arithmetic checked) without
+    allocating it."""
+    block = check_block(block)
+    out_shape = tuple(int(s) for s in out_shape)
+    n = math.prod(out_shape)
+    shape, strides = _layout.collapse(out_shape, list(operand_strides))
+    contiguous = len(shape) == 1 and all(s == (1,) for s in strides)
+    last = shape[-1]
+    chunk = max(1, min(last, BROADCAST_CHUNK))
+    items = (n // last) * cdiv(last, chunk) if n else 0
+    grid = max(1, min(cdiv(n, block), MAX_GRID))
+    return BroadcastPlan(
+        out_shape=out_shape,
+        shape=shape,
+        strides=tuple(strides),
+        n=n,
+        contiguous=contiguous,
+        block=block,
+        grid=grid,
+        last=last,
+        chunk=chunk,
+        items=items,
     )

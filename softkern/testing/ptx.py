@@ -5,7 +5,8 @@ without a GPU would never see a kernel that NVVM rejects, a float32 kernel
 that silently computes in float64, a reduce=2 kernel whose shuffles were lost,
 or a kernel that spills to local memory. ``numba.cuda.compile_ptx`` needs no
 GPU, only NVVM (the ``numba-cuda[cu13]`` wheels), so this module compiles
-each kernel of the ``ptx_cases`` of ``softkern.cuda.reduce``, ``copy`` and ``softmax``
+each kernel of the ``ptx_cases`` of ``softkern.cuda.reduce``, ``copy``,
+``softmax`` and ``broadcast``
 for one compute capability and prints one JSON line per kernel::
 
     NUMBA_ENABLE_CUDASIM=0 python -m softkern.testing.ptx --cc 9.0
@@ -202,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from numba import cuda
 
-    from softkern.cuda import copy, reduce, softmax
+    from softkern.cuda import broadcast, copy, reduce, softmax
 
     cases = itertools.chain(
         reduce.ptx_cases(args.block),
         copy.ptx_cases(),
         softmax.ptx_cases(args.block),
+        broadcast.ptx_cases(),
     )
     for name, kernel, argtypes, dtype, strategy in cases:
         record = {"name": name, "dtype": dtype, "strategy": strategy, "cc": args.cc}

@@ -228,3 +228,66 @@ def test_index_arithmetic_beyond_two_to_the_31():
         assert (got_a, got_b) == (want_a, want_b), i
         assert _index.offset_of(i, plan.shape, plan.strides[0]) == want_a
     assert plan.items == 3 * (1 << 20) * -(-1024 // plan.chunk)
+
+
+# --- paths the cases above do not reach --------------------------------------------
+
+
+def test_strides_that_are_not_whole_elements(rng):
+    rec = np.zeros(4, dtype=[("a", "f4"), ("b", "i1")])  # field stride 5 bytes
+    rec["a"] = rng.standard_normal(4)
+    np.testing.assert_array_equal(
+        sk.expand(rec["a"], 2, 4), np.broadcast_to(rec["a"], (2, 4))
+    )
+    c = rng.random(4) > 0.5
+    np.testing.assert_array_equal(
+        sk.where(c, rec["a"], -1.0), np.where(c, rec["a"], -1.0)
+    )
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_where_float16_and_bool_operands(rng, device):
+    c = rng.random((5, 6)) > 0.5
+    h = rng.standard_normal((5, 6)).astype(np.float16)
+    b = rng.random((1, 6)) > 0.5
+    for x, y in ((h, h[::-1]), (h, np.float32(2)), (b, h), (b, ~b), (b, 3)):
+        got = to_host(
+            sk.where(
+                on(device, c),
+                x if np.isscalar(x) else on(device, x),
+                y if np.isscalar(y) else on(device, y),
+            )
+        )
+        expected = np.where(c, x, y)
+        assert got.dtype == expected.dtype, (x.dtype, type(y))
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_numpy_scalars_go_with_gpu_arrays_and_stay_strong(rng):
+    c = rng.random((3, 4)) > 0.5
+    x = rng.integers(0, 9, (3, 4)).astype(np.int8)
+    got = to_host(sk.where(to_gpu(c), to_gpu(x), np.float32(1.5)))
+    np.testing.assert_array_equal(got, np.where(c, x, np.float32(1.5)))
+    assert got.dtype == np.float32
+
+
+def test_gpu_negative_strides_are_copied_first(rng):
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    view = to_gpu(x)[::-1]
+    np.testing.assert_array_equal(
+        to_host(sk.expand(view[:, :1], 2, 6, 3)),
+        np.broadcast_to(x[::-1, :1], (2, 6, 3)),
+    )
+
+
+@pytest.mark.usefixtures("small_grid")
+def test_long_rows_in_pieces_and_grid_strides(rng, monkeypatch):
+    # CPU rows cut into several work items; GPU blocks striding over the grid
+    monkeypatch.setattr(_launch, "BROADCAST_CHUNK", 7)
+    c = rng.random((3, 1)) > 0.5
+    x = rng.standard_normal((1, 300)).astype(np.float32)
+    for device in ("cpu", "gpu"):
+        got = to_host(sk.where(on(device, c), on(device, x), -1.5, block=BLOCK))
+        np.testing.assert_array_equal(got, np.where(c, x, np.float32(-1.5)))
+        got = to_host(sk.expand(on(device, x), 3, 300, block=BLOCK))
+        np.testing.assert_array_equal(got, np.broadcast_to(x, (3, 300)))

@@ -10,10 +10,11 @@ flat loop with no index arithmetic at all.
 Operands are 1-D views of their memory (from their first element), indexed
 by offset; outputs are 1-D and contiguous. The condition of `where` comes
 as uint8 (the bool's bytes): Numba's bool loads kept the loop scalar and
-branchy (measured 16x slower on random conditions). Indices are cast to uint64: they
-are never negative here, and an unsigned index spares Numba's negative-index
-wraparound on every access, which otherwise keeps these loops scalar
-(measured: 2-3x slower).
+branchy (measured 16x slower on random conditions). Indices are cast to
+uint64: they are never negative here (ops/broadcast.py first copies operands
+with negative strides, or strides that are not whole elements), and an
+unsigned index spares Numba's negative-index wraparound on every access,
+which otherwise keeps these loops scalar (measured: 2-3x slower).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ DTYPES = frozenset(
         "float64",
     )
 )
-_SCALARS = (bool, int, float)
+_SCALARS = (bool, int, float)  # weak in the result dtype, as NumPy 2
 
 
 def broadcast_shapes(*shapes: Any) -> tuple[int, ...]:
@@ -45,12 +45,16 @@ class _Source:
 
     def __init__(self, a: _Operand, out_shape: tuple[int, ...], dtype: np.dtype):
         arr = a.array
-        if any(s < 0 for s in arr.strides):  # a view from its first element
-            arr = (
-                np.ascontiguousarray(arr)
-                if a.call is None
-                else _dispatch.gpu_contiguous(arr, a.call)
-            )
+        # The kernels index a 1-D view from the first element with whole-
+        # element strides: negative strides (a view starting elsewhere) and
+        # strides that are not a multiple of the item size (a field of a
+        # structured array) are copied first.
+        if any(s < 0 or s % arr.dtype.itemsize for s in arr.strides):
+            if a.call is None:
+                arr = np.ascontiguousarray(arr)
+            else:
+                with a.call.on_device():
+                    arr = _dispatch.gpu_contiguous(arr, a.call)
         if a.call is None and arr.dtype != dtype and np.float16 in (arr.dtype, dtype):
             arr = arr.astype(dtype)  # Numba has no float16 arithmetic on the CPU
         itemsize = arr.dtype.itemsize
@@ -65,11 +69,17 @@ class _Source:
             self.flat = self.flat.view(np.uint8)  # see cpu/broadcast.py
 
 
+def _is_scalar(value: Any) -> bool:
+    """Python scalars and NumPy scalars: they go with either device."""
+    return isinstance(value, (*_SCALARS, np.generic))
+
+
 def _operand(value: Any, name: str, dtype: np.dtype | None, like: _Operand | None):
-    """An _Operand for an array, or for a Python scalar (a 0-d array of
-    `dtype` on the device of `like`)."""
-    if isinstance(value, _SCALARS):
-        host = np.asarray(value, dtype=dtype)
+    """An _Operand for an array, or for a scalar: a 0-d array on the device
+    of `like`, of `dtype` for a Python scalar (weak), of its own for a NumPy
+    scalar (strong)."""
+    if _is_scalar(value):
+        host = np.asarray(value, dtype=None if isinstance(value, np.generic) else dtype)
         if like is not None and like.call is not None:
             from numba import cuda
 
@@ -154,13 +164,16 @@ def expand(x: Any, *sizes: Any, block: int | None = None) -> Any:
 def where(condition: Any, x: Any, y: Any, *, block: int | None = None) -> Any:
     """`x` where `condition` is true, else `y`, like ``torch.where`` and
     ``np.where``: the three broadcast together (a ValueError names shapes
-    that do not). `condition` must be bool; `x` and `y` are arrays or Python
+    that do not). `condition` must be bool; `x` and `y` are arrays or
     scalars, and the result has NumPy's ``result_type`` of the two with
-    Python scalars weak (``where(c, float32_array, 0.0)`` is float32)."""
+    Python scalars weak (``where(c, float32_array, 0.0)`` is float32) and
+    NumPy scalars strong. A Python int that does not fit the result dtype
+    (``where(c, int8_array, 1000)``) is an OverflowError, as in PyTorch,
+    where NumPy 2 wraps it."""
     fn = "softkern.where"
-    arrays = [v for v in (condition, x, y) if not isinstance(v, _SCALARS)]
+    arrays = [v for v in (condition, x, y) if not _is_scalar(v)]
     _dispatch.device_of(*arrays)
-    if isinstance(condition, _SCALARS):
+    if _is_scalar(condition):
         raise TypeError(f"{fn}: condition must be a bool array, got a Python scalar")
     c = _Operand(condition, "condition")
     if c.dtype != np.bool_:
@@ -169,7 +182,9 @@ def where(condition: Any, x: Any, y: Any, *, block: int | None = None) -> Any:
             "first (e.g. condition != 0)"
         )
     types = [
-        v if isinstance(v, _SCALARS) else _Operand(v, name).dtype
+        v
+        if isinstance(v, _SCALARS) and not isinstance(v, np.generic)
+        else _Operand(v, name).dtype
         for v, name in ((x, "x"), (y, "y"))
     ]
     dtype = np.result_type(*types)

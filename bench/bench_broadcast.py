@@ -27,13 +27,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from _timing import time_row
 
 import softkern as sk
 
@@ -99,14 +99,6 @@ SMOKE_CASES = (
 CASE_NAMES = tuple(case.name for case in CASES)
 IMPLS = ("softkern", "numpy", "torch", "copy")
 REFERENCE_IMPL = "numpy"
-# Timing budget per row (as bench_reduce.py): about TARGET_S of rounds, at
-# least MIN_ROUNDS, each round long enough (ROUND_MIN_S, by repeating the
-# call) that the timer's own cost does not show. Keeps the full CPU run to
-# about a minute on 2 cores.
-TARGET_S = 0.5
-MIN_ROUNDS = 5
-MAX_ROUNDS = 500
-ROUND_MIN_S = 100e-6
 
 LABEL = {
     ("where", "softkern"): "sk.where",
@@ -244,18 +236,6 @@ def cpu_row(impl: str, inp: HostInputs) -> Row:
     )
 
 
-def plan_rounds(fn: Callable[[], Any]) -> tuple[int, int]:
-    """(rounds, iterations) for `fn`, from the best of three untimed calls."""
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    iterations = max(1, min(1000, math.ceil(ROUND_MIN_S / best)))
-    rounds = math.ceil(TARGET_S / (best * iterations))
-    return max(MIN_ROUNDS, min(MAX_ROUNDS, rounds)), iterations
-
-
 def _cases() -> list[Any]:
     cases = []
     for case in (*SMOKE_CASES, *CASES):
@@ -311,11 +291,4 @@ def test_broadcast_cpu(
     )
     if row.version is not None:
         benchmark.extra_info["version"] = row.version
-    if benchmark.disabled:
-        benchmark(row.fn)  # runs once: the smoke run
-    else:
-        rounds, iterations = plan_rounds(row.fn)
-        benchmark.pedantic(row.fn, rounds=rounds, iterations=iterations)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        benchmark.extra_info["gbps"] = row.nbytes / stats.stats.min / 1e9
+    time_row(benchmark, row.fn, row.nbytes)

@@ -13,15 +13,14 @@ time (the machine is shared, so noise only ever adds time).
 from __future__ import annotations
 
 import functools
-import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from _timing import time_row
 from numba import config as numba_config
 from numba import cuda
 
@@ -37,13 +36,6 @@ GPU_IMPLS = ("softkern-r0", "softkern-r1", "softkern-r2", "cupy", "copy")
 # Relative tolerance on sum(|terms|): loose enough for any float32 association
 # order, tight enough that a lost block or a double count fails at n <= 1e5.
 RTOL = 1e-5
-# Timing budget per row: about TARGET_S of rounds, at least MIN_ROUNDS, each
-# round long enough (ROUND_MIN_S, by repeating the call) that the timer's own
-# cost does not show. Keeps the full CPU run to a few minutes on 2 cores.
-TARGET_S = 0.5
-MIN_ROUNDS = 5
-MAX_ROUNDS = 500
-ROUND_MIN_S = 100e-6
 
 BASELINE_NAME = {"sum": "np.sum", "amax": "np.max", "dot": "np.dot"}
 TORCH_NAME = {"sum": "torch.sum", "amax": "torch.amax", "dot": "torch.dot"}
@@ -228,18 +220,6 @@ def gpu_row(op: str, impl: str, inp: GpuInputs) -> Row:
     return Row("device copy (floor)", copy, 2 * src.nbytes, reference=True, check=check)
 
 
-def plan_rounds(fn: Callable[[], Any]) -> tuple[int, int]:
-    """(rounds, iterations) for `fn`, from the best of three untimed calls."""
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    iterations = max(1, min(1000, math.ceil(ROUND_MIN_S / best)))
-    rounds = math.ceil(TARGET_S / (best * iterations))
-    return max(MIN_ROUNDS, min(MAX_ROUNDS, rounds)), iterations
-
-
 def run_row(
     benchmark: Any, row: Row, op: str, n: int, device: str, host: HostInputs
 ) -> None:
@@ -262,14 +242,7 @@ def run_row(
         reference=row.reference,
         gbps_from="min",
     )
-    if benchmark.disabled:
-        benchmark(row.fn)  # runs once: the smoke run
-    else:
-        rounds, iterations = plan_rounds(row.fn)
-        benchmark.pedantic(row.fn, rounds=rounds, iterations=iterations)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        benchmark.extra_info["gbps"] = row.nbytes / stats.stats.min / 1e9
+    time_row(benchmark, row.fn, row.nbytes)
 
 
 def _cases(impls: tuple[str, ...]) -> list[Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import util as importlib_util
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _timing import time_row
 
 import softkern as sk
 from softkern.testing.references import (
@@ -68,16 +68,7 @@ REFERENCE_IMPL = "scipy" if HAVE_SCIPY else "numpy"
 # |got - want| <= RTOL * |want| + ATOL: float32 rounding of every step, with
 # room to spare; a lost row, a wrong max or a wrong sum fails by far more.
 RTOL = 1e-5
-ATOL = {"softmax": 0.0, "log_softmax": 1e-5}  # log_softmax can cross zero
-# Timing budget per row (as bench_reduce.py): about TARGET_S of rounds, at
-# least MIN_ROUNDS, each round long enough (ROUND_MIN_S, by repeating the
-# call) that the timer's own cost does not show. Keeps the full CPU run to a
-# few minutes on 2 cores.
-TARGET_S = 0.5
-MIN_ROUNDS = 5
-MAX_ROUNDS = 500
-ROUND_MIN_S = 100e-6
-
+ATOL = {"softmax": 0.0, "log_softmax": 1e-5}
 LABEL = {
     "softkern": "softkern",
     "softkern-out": "softkern out=",
@@ -212,18 +203,6 @@ def cpu_row(fn: str, impl: str, inp: HostInputs, dim: int) -> Row:
     return Row(impl, label, lambda: np.copyto(dst, x), nbytes, check=check)
 
 
-def plan_rounds(fn: Callable[[], Any]) -> tuple[int, int]:
-    """(rounds, iterations) for `fn`, from the best of three untimed calls."""
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    iterations = max(1, min(1000, math.ceil(ROUND_MIN_S / best)))
-    rounds = math.ceil(TARGET_S / (best * iterations))
-    return max(MIN_ROUNDS, min(MAX_ROUNDS, rounds)), iterations
-
-
 def _cases() -> list[Any]:
     cases = []
     for fn in FUNCTIONS:
@@ -283,11 +262,4 @@ def test_softmax_cpu(
     )
     if row.version is not None:
         benchmark.extra_info["version"] = row.version
-    if benchmark.disabled:
-        benchmark(row.fn)  # runs once: the smoke run
-    else:
-        rounds, iterations = plan_rounds(row.fn)
-        benchmark.pedantic(row.fn, rounds=rounds, iterations=iterations)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        benchmark.extra_info["gbps"] = row.nbytes / stats.stats.min / 1e9
+    time_row(benchmark, row.fn, row.nbytes)

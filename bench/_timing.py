@@ -1,0 +1,45 @@
+"""How every benchmark row is timed (shared by bench_*.py).
+
+A row runs once when benchmarks are disabled (the smoke run of a plain
+``pytest``). Otherwise it gets about TARGET_S of rounds, at least
+MIN_ROUNDS, each round long enough (ROUND_MIN_S, by repeating the call) that
+the timer's own cost does not show; this keeps a full CPU run to a few
+minutes on 2 cores. GB/s is computed from the minimum round time: on a
+shared machine noise only ever adds time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+TARGET_S = 0.5
+MIN_ROUNDS = 5
+MAX_ROUNDS = 500
+ROUND_MIN_S = 100e-6
+
+
+def plan_rounds(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(rounds, iterations) for `fn`, from the best of three untimed calls."""
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    iterations = max(1, min(1000, math.ceil(ROUND_MIN_S / best)))
+    rounds = math.ceil(TARGET_S / (best * iterations))
+    return max(MIN_ROUNDS, min(MAX_ROUNDS, rounds)), iterations
+
+
+def time_row(benchmark: Any, fn: Callable[[], Any], nbytes: int) -> None:
+    """Time `fn` with pytest-benchmark and record GB/s = nbytes / min time."""
+    if benchmark.disabled:
+        benchmark(fn)  # runs once: the smoke run
+    else:
+        rounds, iterations = plan_rounds(fn)
+        benchmark.pedantic(fn, rounds=rounds, iterations=iterations)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        benchmark.extra_info["gbps"] = nbytes / stats.stats.min / 1e9

@@ -10,7 +10,7 @@ import numpy as np
 from softkern import _dispatch, _launch, _layout
 from softkern.cpu import broadcast as cpu_broadcast
 from softkern.cuda import broadcast as cuda_broadcast
-from softkern.ops.reduce import _Operand
+from softkern.ops.reduce import _flat, _Operand
 
 # Real and bool dtypes: what both devices' kernels copy and convert.
 DTYPES = frozenset(
@@ -98,6 +98,7 @@ def _check_dtype(a: _Operand, fn: str) -> None:
 
 
 def _int64(values: tuple[int, ...], a: _Operand) -> Any:
+    """A small int64 array of `values` on `a`'s device (shapes, strides)."""
     host = np.asarray(values, dtype=np.int64)
     if a.call is None:
         return host
@@ -107,10 +108,9 @@ def _int64(values: tuple[int, ...], a: _Operand) -> Any:
 
 
 def _flat_out(out: Any) -> Any:
-    itemsize = np.dtype(out.dtype).itemsize
-    view = _dispatch.strided_view(
-        out, (math.prod(out.shape),), (itemsize,), writeable=True
-    )
+    """The output as one dim (``ops.reduce._flat``), with float16 and bool
+    seen as same-size integers on the CPU (see cpu/broadcast.py)."""
+    view = _flat(out)
     if isinstance(view, np.ndarray) and view.dtype == np.float16:
         view = view.view(np.uint16)  # a bitwise copy: no float16 on the CPU
     if isinstance(view, np.ndarray) and view.dtype == np.bool_:
@@ -143,8 +143,8 @@ def expand(x: Any, *sizes: Any, block: int | None = None) -> Any:
             cpu_broadcast.expand(
                 source.flat,
                 flat,
-                np.asarray(plan.shape, np.int64),
-                np.asarray(plan.strides[0], np.int64),
+                _int64(plan.shape, a),
+                _int64(plan.strides[0], a),
                 plan.last,
                 plan.chunk,
                 plan.items,
@@ -209,8 +209,8 @@ def where(condition: Any, x: Any, y: Any, *, block: int | None = None) -> Any:
             cpu_broadcast.where(
                 *flats,
                 flat,
-                np.asarray(plan.shape, np.int64),
-                *(np.asarray(s, np.int64) for s in plan.strides),
+                _int64(plan.shape, c),
+                *(_int64(s, c) for s in plan.strides),
                 plan.last,
                 plan.chunk,
                 plan.items,

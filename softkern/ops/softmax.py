@@ -66,20 +66,15 @@ def legacy_softmax_dim(ndim: int, fn: str) -> int:
 
 def _contiguous_view(out: Any, shape: tuple[int, ...]) -> Any:
     """A C-contiguous array (`out`) seen with another `shape` of equal size."""
-    itemsize = np.dtype(out.dtype).itemsize
-    strides = []
-    step = itemsize
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return _dispatch.strided_view(out, shape, tuple(reversed(strides)), writeable=True)
+    strides = _dispatch._c_strides(shape, np.dtype(out.dtype).itemsize)
+    return _dispatch.strided_view(out, shape, strides, writeable=True)
 
 
-def _three_d(a: _Operand, dim: int) -> Any:
-    """x as (outer, n, inner) around `dim`; a 0-d x as (1, 1, 1)."""
+def _three_d(a: _Operand, dims: tuple[int, ...]) -> Any:
+    """x as (outer, n, inner) around `dims`; a 0-d x (no dims) as (1, 1, 1)."""
     if not a.shape:
         return _dispatch.strided_view(a.array, (1, 1, 1), (0, 0, 0))
-    return a.around((dim,))
+    return a.around(dims)
 
 
 def _rows(x3: Any, writeable: bool = False) -> Any:
@@ -107,12 +102,11 @@ def _given_out(a: _Operand, out: Any, dtype: np.dtype, fn: str) -> tuple[Any, An
         raise ValueError(f"{fn}: out must have shape {a.shape}, got {o.shape}")
     if o.dtype != dtype:
         raise TypeError(f"{fn}: out must have dtype {dtype}, got {o.dtype}")
-    step, contiguous = dtype.itemsize, True
-    for size, stride in zip(o.shape[::-1], o.array.strides[::-1], strict=True):
-        if size > 1 and stride != step:
-            contiguous = False
-        step *= max(size, 1)
-    if not contiguous:
+    c_strides = _dispatch._c_strides(o.shape, dtype.itemsize)
+    if any(
+        size > 1 and stride != want
+        for size, stride, want in zip(o.shape, o.array.strides, c_strides, strict=True)
+    ):
         raise ValueError(f"{fn}: out must be C-contiguous")
     if o.call is None:
         if not o.array.flags.writeable:
@@ -151,7 +145,7 @@ def _forward(
         native, out = _given_out(a, out, out_dtype, fn)
     if math.prod(a.shape) == 0:
         return native
-    x3 = _three_d(a, plan.dim)
+    x3 = _three_d(a, (plan.dim,))
     shape3 = (plan.outer, plan.n, plan.inner)
     log = kind == "log_softmax"
     if a.call is None:
@@ -248,10 +242,7 @@ def logsumexp(
     native, out = a.empty(out_shape, out_dtype)
     if math.prod(out_shape) == 0:
         return native
-    if dims:
-        x3 = a.around(dims)
-    else:  # 0-d input
-        x3 = _dispatch.strided_view(a.array, (1, 1, 1), (0, 0, 0))
+    x3 = _three_d(a, dims)
     outer, n, inner = x3.shape
     plan = _launch.softmax_plan((outer, n, inner), 1, out_dtype, block)
     out2 = _contiguous_view(out, (outer, inner))
@@ -305,7 +296,7 @@ def _backward(
     native, out = g.empty(g.shape, g.dtype)
     if math.prod(g.shape) == 0:
         return native
-    g3, y3 = _three_d(g, plan.dim), _three_d(y, plan.dim)
+    g3, y3 = _three_d(g, (plan.dim,)), _three_d(y, (plan.dim,))
     shape3 = (plan.outer, plan.n, plan.inner)
     log = kind == "log_softmax_backward"
     if g.call is None:

@@ -13,12 +13,27 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 TARGET_S = 0.5
 MIN_ROUNDS = 5
 MAX_ROUNDS = 500
 ROUND_MIN_S = 100e-6
+
+
+@dataclass
+class Row:
+    """One implementation in a group: what to time and how to judge it."""
+
+    impl: str
+    label: str
+    fn: Callable[[], Any]
+    nbytes: int
+    reference: bool = False
+    version: str | None = None
+    # For a copy: the check compares the copied bytes instead of the answer.
+    check: Callable[[Any], None] | None = None
 
 
 def plan_rounds(fn: Callable[[], Any]) -> tuple[int, int]:

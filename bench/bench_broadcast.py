@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _timing import time_row
+from _timing import Row, time_row
 
 import softkern as sk
 
@@ -156,20 +156,6 @@ def host_inputs() -> Callable[[Case], HostInputs]:
     another, so only the latest case's arrays (about 300 MB for the largest)
     are kept."""
     return functools.lru_cache(maxsize=1)(HostInputs)
-
-
-@dataclass
-class Row:
-    """One implementation in a group: what to time and how to judge it."""
-
-    impl: str
-    label: str
-    fn: Callable[[], Any]
-    nbytes: int
-    reference: bool = False
-    version: str | None = None
-    # For a copy: the check compares the copied bytes instead of the answer.
-    check: Callable[[Any], None] | None = None
 
 
 def check_result(case: Case, want: np.ndarray, result: Any, impl: str) -> None:

@@ -25,13 +25,12 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import util as importlib_util
 from typing import Any
 
 import numpy as np
 import pytest
-from _timing import time_row
+from _timing import Row, time_row
 
 import softkern as sk
 from softkern.testing.references import (
@@ -128,20 +127,6 @@ def exact(
         return EXACT[fn](host_inputs(shape).x, dim)
 
     return answer
-
-
-@dataclass
-class Row:
-    """One implementation in a group: what to time and how to judge it."""
-
-    impl: str
-    label: str
-    fn: Callable[[], Any]
-    nbytes: int
-    reference: bool = False
-    version: str | None = None
-    # For a copy: the check compares the copied bytes instead of the answer.
-    check: Callable[[Any], None] | None = None
 
 
 def check_result(

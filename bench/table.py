@@ -20,7 +20,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,21 +318,42 @@ def _row_versions(benches: Sequence[dict[str, Any]]) -> dict[str, str]:
     return versions
 
 
-def render_softmax(
-    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+def _render_groups(
+    data: dict[str, Any],
+    benches: Sequence[dict[str, Any]],
+    summary: bool,
+    groups: dict[Any, list[dict[str, Any]]],
+    note: str,
+    summary_table: Callable[..., list[str]],
+    group_table: Callable[..., list[str]],
 ) -> str:
-    groups = _softmax_groups(benches)
+    """The header, the summary table and (unless `summary`) one table per
+    group: the layout of the softmax and broadcast results."""
     devices = {b.get("extra_info", {}).get("device", "") for b in benches}
     out = [
-        *header(data, devices, SOFTMAX_NOTE, _row_versions(benches)),
+        *header(data, devices, note, _row_versions(benches)),
         "",
-        *softmax_summary_table(groups),
+        *summary_table(groups),
         "",
     ]
     if not summary:
         for benches_ in groups.values():
-            out += [*softmax_group_table(benches_), ""]
+            out += [*group_table(benches_), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def render_softmax(
+    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+) -> str:
+    return _render_groups(
+        data,
+        benches,
+        summary,
+        _softmax_groups(benches),
+        SOFTMAX_NOTE,
+        softmax_summary_table,
+        softmax_group_table,
+    )
 
 
 # Broadcast: rows are found by their impl key (bench_broadcast.IMPLS).
@@ -407,18 +428,15 @@ def broadcast_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[s
 def render_broadcast(
     data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
 ) -> str:
-    groups = _broadcast_groups(benches)
-    devices = {b.get("extra_info", {}).get("device", "") for b in benches}
-    out = [
-        *header(data, devices, BROADCAST_NOTE, _row_versions(benches)),
-        "",
-        *broadcast_summary_table(groups),
-        "",
-    ]
-    if not summary:
-        for benches_ in groups.values():
-            out += [*broadcast_group_table(benches_), ""]
-    return "\n".join(out).rstrip() + "\n"
+    return _render_groups(
+        data,
+        benches,
+        summary,
+        _broadcast_groups(benches),
+        BROADCAST_NOTE,
+        broadcast_summary_table,
+        broadcast_group_table,
+    )
 
 
 def select(

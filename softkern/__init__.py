@@ -10,6 +10,7 @@ from numba import config as _numba_config
 from softkern import nn
 from softkern._dispatch import device_of
 from softkern.ops.broadcast import broadcast_shapes, expand, where
+from softkern.ops.losses import cross_entropy, cross_entropy_backward, nll_loss
 from softkern.ops.reduce import amax, amin, dot, sum
 from softkern.ops.softmax import (
     log_softmax,
@@ -31,12 +32,15 @@ __all__ = [
     "amax",
     "amin",
     "broadcast_shapes",
+    "cross_entropy",
+    "cross_entropy_backward",
     "device_of",
     "dot",
     "expand",
     "log_softmax",
     "log_softmax_backward",
     "logsumexp",
+    "nll_loss",
     "nn",
     "softmax",
     "softmax_backward",

@@ -1,0 +1,335 @@
+"""CPU cross_entropy (forward and backward) and nll_loss.
+
+cross_entropy never stores the log-probabilities. The input is viewed as
+(outer, C, inner) around the class dim. Rows regime (inner == 1): rows in
+parallel, and per row two sweeps that stay in cache: the max (``llvm.maxnum``),
+then the sum of exp(x - max) in float64; the loss of the row follows from
+lse = max + log(sum) and the target's logit, read once. Label smoothing and
+probability targets add one more sweep over the cached row for
+sum_c u_c (max - x_c) (u = the weighted target distribution): written against
+the max, every term is >= 0, so nothing cancels. Columns regime (inner > 1,
+(N, C, d1..dK) inputs): strips of neighbouring positions whose C rows fit in
+cache, the same sweeps top to bottom, as the softmax columns regime.
+
+The backward pass is one more sweep per row: p_j * a - b * w_j, with a and b
+per row (weights, smoothing and the reduction's scale folded in), minus the
+target's one-hot term.
+
+Per-position losses and weights come back in float64 arrays of the batch's
+size (O(N) memory); ops/losses.py reduces them. Targets were checked before
+the kernels run (``ops.losses``), so the kernels index with them freely.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from softkern.cpu.softmax import (
+    FASTMATH,
+    ROW_CHUNKS,
+    as_acc,
+    exp,
+    row_max,
+    strip_max,
+    strip_of,
+)
+
+
+@njit(inline="always", cache=True)
+def row_rest(x, r, top, lowest):
+    """The sum of exp(x[r, j] - top) less 1, in float64, summed without the
+    elements equal to the max (each adds exactly 1): a confident
+    prediction's loss is log(1 + rest) with rest tiny, which 1 + rest would
+    round away even in float64 (1e-6 relative error at a loss of 1e-10)."""
+    rest = 0.0
+    ties = 0
+    for j in range(x.shape[1]):
+        v = as_acc(x[r, j], lowest)
+        hit = v == top
+        rest += 0.0 if hit else exp(v - top)
+        ties += hit
+    return rest + (ties - 1)
+
+
+@njit(inline="always", cache=True)
+def log_sum(top, rest):
+    """log(sum of exp(x - top)) = log1p(rest); NaN when the max is +inf
+    (PyTorch's log_softmax of such a slice is NaN throughout)."""
+    return np.nan if top == np.inf else np.log1p(rest)
+
+
+@njit(inline="always", cache=True)
+def smoothed(q, smoothing, n):
+    """A class probability after label smoothing: q (1 - eps) + eps / C."""
+    return q * (1.0 - smoothing) + smoothing / n
+
+
+@njit(inline="always", cache=True)
+def grad_of(grads, i):
+    """The upstream gradient of position i: one per position ("none") or
+    one for all (a 1-element array)."""
+    return grads[i] if grads.size > 1 else grads[0]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def index_rows(x, target, weight, ignore_index, smoothing, losses, weights, lowest):
+    """Loss of each row with a class-index target into losses[r] and the
+    target's weight into weights[r] (both 0 for an ignored row)."""
+    count, n = x.shape
+    weight_sum = 0.0
+    for c in range(n):
+        weight_sum += weight[c]
+    chunks = min(count, ROW_CHUNKS)
+    for chunk in prange(chunks):
+        for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
+            t = target[r]
+            if t == ignore_index:
+                losses[r] = 0.0
+                weights[r] = 0.0
+                continue
+            top = row_max(x, r, lowest)
+            shift = log_sum(top, row_rest(x, r, top, lowest))
+            w_t = np.float64(weight[t])
+            loss = w_t * ((top - as_acc(x[r, t], lowest)) + shift)
+            if smoothing > 0:
+                spread = 0.0
+                for j in range(n):
+                    spread += weight[j] * (top - as_acc(x[r, j], lowest))
+                uniform = weight_sum * shift + spread
+                loss = (1.0 - smoothing) * loss + smoothing / n * uniform
+            losses[r] = loss
+            weights[r] = w_t
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def probs_rows(x, q, weight, smoothing, losses, lowest):
+    """Loss of each row with a class-probability target row q[r]:
+    sum_j u_j (lse - x_j), u_j = weight[j] * smoothed(q[r, j])."""
+    count, n = x.shape
+    for r in prange(count):
+        top = row_max(x, r, lowest)
+        shift = log_sum(top, row_rest(x, r, top, lowest))
+        mass = 0.0
+        spread = 0.0
+        for j in range(n):
+            u = weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
+            mass += u
+            spread += u * (top - as_acc(x[r, j], lowest))
+        losses[r] = mass * shift + spread
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def index_rows_backward(
+    x, target, weight, ignore_index, smoothing, grads, scale, out, lowest
+):
+    """d loss / d x of each row: g (p_j ((1 - eps) w_t + eps/C sum w)
+    - eps/C w_j - (1 - eps) w_t [j == t]), g = grads[r] * scale."""
+    count, n = x.shape
+    weight_sum = 0.0
+    for c in range(n):
+        weight_sum += weight[c]
+    chunks = min(count, ROW_CHUNKS)
+    for chunk in prange(chunks):
+        for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
+            t = target[r]
+            if t == ignore_index:
+                for j in range(n):
+                    out[r, j] = 0
+                continue
+            g = grad_of(grads, r) * scale
+            top = row_max(x, r, lowest)
+            total = np.exp(log_sum(top, row_rest(x, r, top, lowest)))
+            w_t = np.float64(weight[t])
+            a = as_acc(
+                g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / total,
+                lowest,
+            )
+            if smoothing > 0:
+                b = as_acc(g * smoothing / n, lowest)
+                for j in range(n):
+                    out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - b * weight[j]
+            else:
+                for j in range(n):
+                    out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a
+            out[r, t] -= as_acc(g * (1.0 - smoothing) * w_t, lowest)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def probs_rows_backward(x, q, weight, smoothing, grads, scale, out, lowest):
+    """d loss / d x of each row: g (p_j sum_c u_c - u_j)."""
+    count, n = x.shape
+    for r in prange(count):
+        g = grad_of(grads, r) * scale
+        top = row_max(x, r, lowest)
+        total = np.exp(log_sum(top, row_rest(x, r, top, lowest)))
+        mass = 0.0
+        for j in range(n):
+            mass += weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
+        a = as_acc(g * mass / total, lowest)
+        for j in range(n):
+            u = as_acc(
+                g * weight[j] * smoothed(np.float64(q[r, j]), smoothing, n), lowest
+            )
+            out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - u
+
+
+@njit(inline="always", cache=True)
+def strip_stats(x, o, c0, width, lowest):
+    """Column maxima of the strip and log(sum of exp(x - max)) per column,
+    from the sums kept apart from the max as ``row_rest``."""
+    top = strip_max(x, o, c0, width, lowest)
+    rest = np.zeros(width, dtype=np.float64)
+    ties = np.zeros(width, dtype=np.int64)
+    for i in range(x.shape[1]):
+        xr = x[o, i, c0 : c0 + width]
+        for c in range(width):
+            v = as_acc(xr[c], lowest)
+            hit = v == top[c]
+            rest[c] += 0.0 if hit else exp(v - top[c])
+            ties[c] += hit
+    shift = np.empty(width, dtype=np.float64)
+    for c in range(width):
+        shift[c] = log_sum(top[c], rest[c] + (ties[c] - 1))
+    return top, shift
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def index_columns(
+    x, target, weight, ignore_index, smoothing, strip, losses, weights, lowest
+):
+    """``index_rows`` for (outer, C, inner) inputs and (outer, inner) targets."""
+    outer, n, inner = x.shape
+    weight_sum = 0.0
+    for c in range(n):
+        weight_sum += weight[c]
+    strips = (inner + strip - 1) // strip
+    for item in prange(outer * strips):
+        o, c0, width = strip_of(item, strips, strip, inner)
+        top, shift = strip_stats(x, o, c0, width, lowest)
+        spread = np.zeros(width, dtype=np.float64)
+        if smoothing > 0:
+            for i in range(n):
+                xr = x[o, i, c0 : c0 + width]
+                for c in range(width):
+                    spread[c] += weight[i] * (top[c] - as_acc(xr[c], lowest))
+        for c in range(width):
+            t = target[o, c0 + c]
+            if t == ignore_index:
+                losses[o, c0 + c] = 0.0
+                weights[o, c0 + c] = 0.0
+                continue
+            w_t = np.float64(weight[t])
+            loss = w_t * ((top[c] - as_acc(x[o, t, c0 + c], lowest)) + shift[c])
+            if smoothing > 0:
+                uniform = weight_sum * shift[c] + spread[c]
+                loss = (1.0 - smoothing) * loss + smoothing / n * uniform
+            losses[o, c0 + c] = loss
+            weights[o, c0 + c] = w_t
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def probs_columns(x, q, weight, smoothing, strip, losses, lowest):
+    """``probs_rows`` for (outer, C, inner) inputs and targets."""
+    outer, n, inner = x.shape
+    strips = (inner + strip - 1) // strip
+    for item in prange(outer * strips):
+        o, c0, width = strip_of(item, strips, strip, inner)
+        top, shift = strip_stats(x, o, c0, width, lowest)
+        mass = np.zeros(width, dtype=np.float64)
+        spread = np.zeros(width, dtype=np.float64)
+        for i in range(n):
+            xr = x[o, i, c0 : c0 + width]
+            qr = q[o, i, c0 : c0 + width]
+            for c in range(width):
+                u = weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
+                mass[c] += u
+                spread[c] += u * (top[c] - as_acc(xr[c], lowest))
+        for c in range(width):
+            losses[o, c0 + c] = mass[c] * shift[c] + spread[c]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def index_columns_backward(
+    x, target, weight, ignore_index, smoothing, grads, scale, strip, out, lowest
+):
+    """``index_rows_backward`` for (outer, C, inner) inputs."""
+    outer, n, inner = x.shape
+    weight_sum = 0.0
+    for c in range(n):
+        weight_sum += weight[c]
+    strips = (inner + strip - 1) // strip
+    for item in prange(outer * strips):
+        o, c0, width = strip_of(item, strips, strip, inner)
+        top, shift = strip_stats(x, o, c0, width, lowest)
+        total = np.exp(shift)
+        # Per column: the softmax's factor a, the uniform term's factor b and
+        # the one-hot's size d at class t (an ignored column: all zero, and
+        # t = -1 matches no class).
+        a = np.zeros(width, dtype=top.dtype)
+        b = np.zeros(width, dtype=top.dtype)
+        d = np.zeros(width, dtype=top.dtype)
+        t = np.full(width, -1, dtype=np.int64)
+        for c in range(width):
+            tc = target[o, c0 + c]
+            if tc == ignore_index:
+                continue
+            g = grad_of(grads, o * inner + c0 + c) * scale
+            w_t = np.float64(weight[tc])
+            uniform = smoothing / n * weight_sum
+            a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform) / total[c], lowest)
+            b[c] = as_acc(g * smoothing / n, lowest)
+            d[c] = as_acc(g * (1.0 - smoothing) * w_t, lowest)
+            t[c] = tc
+        for i in range(n):
+            xr = x[o, i, c0 : c0 + width]
+            orow = out[o, i, c0 : c0 + width]
+            w = weight[i]
+            for c in range(width):
+                hit = d[c] if t[c] == i else as_acc(0, lowest)
+                orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - b[c] * w - hit
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def probs_columns_backward(x, q, weight, smoothing, grads, scale, strip, out, lowest):
+    """``probs_rows_backward`` for (outer, C, inner) inputs."""
+    outer, n, inner = x.shape
+    strips = (inner + strip - 1) // strip
+    for item in prange(outer * strips):
+        o, c0, width = strip_of(item, strips, strip, inner)
+        top, shift = strip_stats(x, o, c0, width, lowest)
+        total = np.exp(shift)
+        mass = np.zeros(width, dtype=np.float64)
+        for i in range(n):
+            qr = q[o, i, c0 : c0 + width]
+            for c in range(width):
+                mass[c] += weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
+        a = np.zeros(width, dtype=top.dtype)
+        g = np.zeros(width, dtype=np.float64)
+        for c in range(width):
+            g[c] = grad_of(grads, o * inner + c0 + c) * scale
+            a[c] = as_acc(g[c] * mass[c] / total[c], lowest)
+        for i in range(n):
+            xr = x[o, i, c0 : c0 + width]
+            qr = q[o, i, c0 : c0 + width]
+            orow = out[o, i, c0 : c0 + width]
+            for c in range(width):
+                u = g[c] * weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
+                orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - as_acc(u, lowest)
+
+
+@njit(parallel=True, cache=True)
+def nll(x, target, weight, ignore_index, losses, weights):
+    """-weight[t] * x[o, t, c] for every position (o, c) of (outer, C, inner)
+    log-probabilities and (outer, inner) targets."""
+    outer, _, inner = x.shape
+    for o in prange(outer):
+        for c in range(inner):
+            t = target[o, c]
+            if t == ignore_index:
+                losses[o, c] = 0.0
+                weights[o, c] = 0.0
+            else:
+                w_t = np.float64(weight[t])
+                losses[o, c] = -w_t * x[o, t, c]
+                weights[o, c] = w_t

@@ -1,0 +1,578 @@
+"""GPU cross_entropy (forward and backward) and nll_loss.
+
+The input is an (outer, C, inner) view around the class dim; the GPU regimes
+are ``softkern._launch.softmax_plan``'s, with one difference: no regime
+caches the row, because the forward pass reads each element once anyway.
+
+- ``warp`` / ``shared`` / ``stream`` (inner == 1): a group of threads owns a
+  row (a warp for rows of at most 1 KiB, the whole block otherwise); member r
+  reads elements r, r + group, ... and keeps an online max and sum of
+  exponentials (``cuda.softmax.online_update``), which the group merges
+  (``group_stats``).
+- ``columns`` (inner > 1): tiles of 32 positions by block / 32 threads along
+  C, so a warp reads 32 neighbouring addresses of one class row.
+
+The forward pass reads x once. The row's member 0 reads the target's logit
+itself (one load per row) and computes the loss. Label smoothing and
+probability targets also fold u_c = the weighted target distribution:
+mass = sum u_c and spread = sum u_c (pivot - x_c), the pivot being the
+slice's first element (so near-equal logits do not cancel against a large
+lse): loss = (1 - eps) w_t (lse - x_t) + eps / C (mass (lse - pivot) +
+spread) for class indices, mass (lse - pivot) + spread for probabilities.
+
+For reduction "sum"/"mean" no per-row loss is stored: each owner thread adds
+its rows' losses and weights, the block folds them into one partial per
+block, and ``finish_kernel`` (one block) folds the partials into the 0-d
+result on the device. A target outside [0, C) is recorded in `bad` (a flag
+and the value), never used as an index; the host raises after the launch.
+
+The backward pass reads x twice (statistics, then the gradient written as
+p_j a - b w_j minus the one-hot term), like the softmax stream regime.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, int64
+
+from softkern._launch import WARP
+from softkern.cuda.reduce import group_reducer
+from softkern.cuda.softmax import (
+    _group_layout,
+    _types,
+    bounded_kernel,
+    group_broadcaster,
+    tile_column,
+)
+
+KINDS = ("index", "probs")
+# finish_kernel's modes
+SUM, MEAN, WEIGHT = 0, 1, 2
+
+
+@functools.cache
+def _slices(regime: str, block: int):
+    """Device function: (o, c, valid, first, step) of the slice a thread
+    works on in work item `item`, and which of its elements it reads: rows
+    regimes give o = row, c = 0; columns give a position of a 32-wide tile."""
+    group, _ = _group_layout(regime, block)
+    rows_per_block = block // group
+    lanes = block // WARP
+
+    if regime == "columns":
+
+        @cuda.jit(device=True, inline=True)
+        def column_slice(item, outer, inner):
+            tid = cuda.threadIdx.x
+            tiles = (inner + WARP - 1) // WARP
+            o, c = tile_column(item, tiles, tid % WARP)
+            return o, c, c < inner, tid // WARP, lanes
+
+        return column_slice
+
+    @cuda.jit(device=True, inline=True)
+    def row_slice(item, outer, inner):
+        tid = cuda.threadIdx.x
+        o = item * rows_per_block + tid // group
+        return o, int64(0), o < outer, tid % group, group
+
+    return row_slice
+
+
+@functools.cache
+def rest_update(dtype):
+    """Device function folding element v into a running max m and r, the
+    sum of exp(x - m) over the elements other than the max itself (the sum
+    of exponentials is 1 + r). A confident prediction's loss is
+    log(1 + r) with r tiny: kept apart, r stays exact to its own rounding,
+    where a float32 1 + r would round r away (a loss of 1e-3 to 1e-4
+    relative error). Start from (-inf, -1): no elements, a sum of 0.
+    -inf adds nothing; NaN makes r NaN (both tests fail).
+    """
+    one = np.dtype(dtype).type(1)
+    neg_inf = np.dtype(dtype).type(-np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def update(m, r, v):
+        if v > m:
+            return v, (r + one) * math.exp(m - v)
+        if v != neg_inf:
+            r += math.exp(v - m)
+        return m, r
+
+    return update
+
+
+@functools.cache
+def group_rest_stats(strategy: int, group: int, pitch: int, block: int, dtype):
+    """Device function merging the members' (m, r) of ``rest_update`` into
+    the group's (M, R), given to every member: M = max m; R = sum over the
+    members of r (a member holding M) or (r + 1) exp(m - M) (the others),
+    plus ties - 1 for the `ties` members that hold a finite M (each counted
+    its max as its own 1). A member that saw no finite element adds
+    (r + 1) * 0: 0, or NaN if it saw a NaN, which then reaches the slice.
+
+    Launch config: as ``group_reducer`` and ``group_broadcaster``.
+    """
+    fold_max = group_reducer("amax", strategy, group, pitch, block, dtype)
+    fold_sum = group_reducer("sum", strategy, group, pitch, block, dtype)
+    broadcast = group_broadcaster(group, pitch, block, dtype)
+    zero = np.dtype(dtype).type(0)
+    one = np.dtype(dtype).type(1)
+    neg_inf = np.dtype(dtype).type(-np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def merge(m, r):
+        top = broadcast(fold_max(m))
+        holds_top = m == top and m != neg_inf
+        if holds_top:
+            part = r
+        elif m != neg_inf:
+            part = (r + one) * math.exp(m - top)
+        else:
+            part = (r + one) * zero
+        # Two folds, each exact in its own terms: ties is a small integer.
+        ties = broadcast(fold_sum(one if holds_top else zero))
+        return top, broadcast(fold_sum(part)) + (ties - one)
+
+    return merge
+
+
+@functools.cache
+def log1p_of(dtype):
+    """Device function: log(1 + r), -inf at r = -1 (Python's math.log1p,
+    which the simulator runs, raises there); NaN stays NaN."""
+    minus_one = np.dtype(dtype).type(-1)
+    neg_inf = np.dtype(dtype).type(-np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def safe_log1p(r):
+        return neg_inf if r == minus_one else math.log1p(r)
+
+    return safe_log1p
+
+
+@functools.cache
+def _target_terms(kind: str, dtype):
+    """Device functions reading the target side of a slice, per kind of
+    target: ``term(target, weight, smoothing, o, k, c, n)`` is u_k, the
+    weighted (smoothed) target distribution at class k (the weight alone for
+    class indices, where only smoothing needs it)."""
+    acc, _, acc_dt = _types(dtype)
+    one = acc_dt.type(1)
+
+    if kind == "probs":
+
+        @cuda.jit(device=True, inline=True)
+        def probability_term(target, weight, smoothing, o, k, c, n):
+            q = acc(target[o, k, c])
+            return acc(weight[k]) * (q * (one - smoothing) + smoothing / n)
+
+        return probability_term
+
+    @cuda.jit(device=True, inline=True)
+    def index_term(target, weight, smoothing, o, k, c, n):
+        return acc(weight[k])
+
+    return index_term
+
+
+@functools.cache
+def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
+    """Device function: one pass over slice (o, c) of x giving every member
+    (top, rest): the max, and the sum of exp(x - max) less the max's own 1
+    (``rest_update``), and member 0 the folded
+    mass and spread of u (module docstring; 0 when neither smoothing nor
+    probabilities need them) and the pivot.
+
+    Launch config: as ``group_stats``; every thread of the block calls it.
+    """
+    acc, _, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    one = acc_dt.type(1)
+    neg_inf = acc_dt.type(-np.inf)
+    group, pitch = _group_layout(regime, block)
+    merge = group_rest_stats(strategy, group, pitch, block, acc_dt)
+    fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
+    update = rest_update(acc_dt)
+    term = _target_terms(kind, dtype)
+    probs = kind == "probs"
+
+    @cuda.jit(device=True, inline=True)
+    def slice_stats(x, target, weight, smoothing, o, c, valid, first, step):
+        n = x.shape[1]
+        top = neg_inf
+        rest = -one
+        mass = zero
+        spread = zero
+        pivot = zero
+        needs_mass = probs or smoothing > 0
+        if valid and n > 0:
+            pivot = acc(x[o, 0, c])
+            if not math.isfinite(pivot):
+                pivot = zero
+        if valid:
+            k = first
+            while k < n:
+                v = acc(x[o, k, c])
+                top, rest = update(top, rest, v)
+                if needs_mass:
+                    u = term(target, weight, smoothing, o, k, c, n)
+                    mass += u
+                    spread += u * (pivot - v)
+                k += step
+        top, rest = merge(top, rest)
+        if needs_mass:  # uniform over the block: the folds hold barriers
+            mass = fold_sum(mass)
+            spread = fold_sum(spread)
+        return top, rest, mass, spread, pivot
+
+    return slice_stats
+
+
+@functools.cache
+def _target_of(kind: str):
+    """Device function: the class index of slice (o, c) as int64, -1 for an
+    ignored or a bad one (a bad one is also recorded in `bad`: a flag and
+    the value; racy between threads, but any bad value will do). -1 for
+    probability targets."""
+
+    if kind == "probs":
+
+        @cuda.jit(device=True, inline=True)
+        def no_index(target, o, c, n, ignore_index, bad):
+            return int64(-1)
+
+        return no_index
+
+    @cuda.jit(device=True, inline=True)
+    def checked_index(target, o, c, n, ignore_index, bad):
+        t = int64(target[o, c])
+        if t == ignore_index:
+            return int64(-1)
+        if t < 0 or t >= n:
+            bad[0] = 1
+            bad[1] = t
+            return int64(-1)
+        return t
+
+    return checked_index
+
+
+@functools.cache
+def forward_kernel(
+    kind: str, regime: str, strategy: int, block: int, total: bool, dtype
+):
+    """cross_entropy of every slice into out[o, c] (reduction "none"), or,
+    with `total`, folded into out[0, blockIdx] (losses) and out[1, blockIdx]
+    (weights of the non-ignored targets; 1 per slice for probabilities).
+
+    Arguments: x (outer, C, inner) of any real dtype; target (outer, inner)
+    class indices of any integer dtype, or (outer, C, inner) probabilities;
+    weight (C,); ignore_index; smoothing; items (the plan's work items); out;
+    bad (2,) int64. `dtype` is the output dtype (float16 computes in
+    float32; partials are in the compute dtype).
+
+    Launch config: ``SoftmaxPlan`` of (outer, C, inner) over dim 1:
+    [grid, block].
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    one = acc_dt.type(1)
+    inf = acc_dt.type(np.inf)
+    nan = acc_dt.type(np.nan)
+    slices = _slices(regime, block)
+    stats = _stats(kind, regime, strategy, block, dtype)
+    target_of = _target_of(kind)
+    safe_log1p = log1p_of(acc_dt)
+    fold_block = group_reducer("sum", strategy, block, 1, block, acc_dt)
+    probs = kind == "probs"
+
+    @bounded_kernel(block)
+    def cross_entropy_forward(
+        x, target, weight, ignore_index, smoothing, items, out, bad
+    ):
+        outer, n, inner = x.shape
+        loss_sum = zero
+        weight_sum = zero
+        item = int64(cuda.blockIdx.x)
+        while item < items:  # uniform over the block
+            o, c, valid, first, step = slices(item, outer, inner)
+            top, rest, mass, spread, pivot = stats(
+                x, target, weight, smoothing, o, c, valid, first, step
+            )
+            if valid and first == 0:
+                # lse - v as (top - v) + log(1 + rest): exact for v = top.
+                # A +inf max makes the slice NaN, as PyTorch's log_softmax.
+                log_sum = safe_log1p(rest) if top != inf else nan
+                loss = zero
+                w_t = one
+                if probs:
+                    loss = mass * ((top - pivot) + log_sum) + spread
+                else:
+                    t = target_of(target, o, c, n, ignore_index, bad)
+                    w_t = zero
+                    if t >= 0:
+                        w_t = acc(weight[t])
+                        loss = w_t * ((top - acc(x[o, t, c])) + log_sum)
+                        if smoothing > 0:
+                            uniform = mass * ((top - pivot) + log_sum) + spread
+                            loss = (one - smoothing) * loss + smoothing / n * uniform
+                if total:
+                    loss_sum += loss
+                    weight_sum += w_t
+                else:
+                    out[o, c] = out_type(loss)
+            item += cuda.gridDim.x
+        if total:
+            loss_sum = fold_block(loss_sum)
+            weight_sum = fold_block(weight_sum)
+            if cuda.threadIdx.x == 0:
+                out[0, cuda.blockIdx.x] = loss_sum
+                out[1, cuda.blockIdx.x] = weight_sum
+
+    return cross_entropy_forward
+
+
+@functools.cache
+def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
+    """Gradient of cross_entropy with respect to x into out (outer, C,
+    inner): g (p_j a' - eps/C w_j - (1 - eps) w_t [j == t]) for class indices
+    (a' = (1 - eps) w_t + eps/C sum w), g (p_j mass - u_j) for probabilities,
+    g = grads[i] (grads[0] when it has one element) * scale / denominator[0];
+    0 for an ignored target. Arguments as ``forward_kernel`` plus grads,
+    scale, denominator; out has x's shape and `dtype`.
+
+    Launch config: ``SoftmaxPlan`` of (outer, C, inner) over dim 1:
+    [grid, block].
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    one = acc_dt.type(1)
+    inf = acc_dt.type(np.inf)
+    nan = acc_dt.type(np.nan)
+    slices = _slices(regime, block)
+    stats = _stats(kind, regime, strategy, block, dtype)
+    target_of = _target_of(kind)
+    term = _target_terms(kind, dtype)
+    group, pitch = _group_layout(regime, block)
+    broadcast = group_broadcaster(group, pitch, block, acc_dt)
+    probs = kind == "probs"
+
+    @bounded_kernel(block)
+    def cross_entropy_backward(
+        x,
+        target,
+        weight,
+        ignore_index,
+        smoothing,
+        items,
+        grads,
+        scale,
+        denominator,
+        out,
+        bad,
+    ):
+        outer, n, inner = x.shape
+        item = int64(cuda.blockIdx.x)
+        while item < items:  # uniform over the block
+            o, c, valid, first, step = slices(item, outer, inner)
+            top, rest, mass, _, _ = stats(
+                x, target, weight, smoothing, o, c, valid, first, step
+            )
+            if probs or smoothing > 0:  # uniform over the block
+                mass = broadcast(mass)  # the fold left it in member 0 only
+            if valid:
+                den = rest + one if top != inf else nan  # +inf: NaN, as PyTorch
+                i = o * inner + c
+                g = acc(grads[i] if grads.size > 1 else grads[0])
+                g = g * acc(scale) / acc(denominator[0])
+                t = int64(-1)
+                a = zero
+                b = zero
+                live = probs
+                if probs:
+                    a = g * mass / den
+                    b = g
+                else:
+                    t = target_of(target, o, c, n, ignore_index, bad)
+                    if t >= 0:
+                        live = True
+                        w_t = acc(weight[t])
+                        uniform = smoothing / n * mass if smoothing > 0 else zero
+                        a = g * ((one - smoothing) * w_t + uniform) / den
+                        b = g * smoothing / n
+                k = first
+                while k < n:
+                    grad = zero  # an ignored target's row
+                    if live:
+                        v = acc(x[o, k, c])
+                        grad = math.exp(v - top) * a
+                        grad -= b * term(target, weight, smoothing, o, k, c, n)
+                        if k == t:
+                            grad -= g * (one - smoothing) * acc(weight[t])
+                    out[o, k, c] = out_type(grad)
+                    k += step
+            item += cuda.gridDim.x
+
+    return cross_entropy_backward
+
+
+@functools.cache
+def nll_kernel(strategy: int, block: int, total: bool, dtype):
+    """nll_loss of every position (o, c): -weight[t] x[o, t, c], into
+    out[o, c] or, with `total`, folded into out (2, grid) as
+    ``forward_kernel``. A thread per position, grid-stride.
+
+    Launch config: ``FullReducePlan`` of outer * inner positions.
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    target_of = _target_of("index")
+    fold_block = group_reducer("sum", strategy, block, 1, block, acc_dt)
+
+    @bounded_kernel(block)
+    def nll_loss(x, target, weight, ignore_index, out, bad):
+        outer, n, inner = x.shape
+        loss_sum = zero
+        weight_sum = zero
+        i = int64(cuda.blockIdx.x) * block + cuda.threadIdx.x
+        while i < outer * inner:
+            o = i // inner
+            c = i - o * inner
+            t = target_of(target, o, c, n, ignore_index, bad)
+            loss = zero
+            w_t = zero
+            if t >= 0:
+                w_t = acc(weight[t])
+                loss = -w_t * acc(x[o, t, c])
+            if total:
+                loss_sum += loss
+                weight_sum += w_t
+            else:
+                out[o, c] = out_type(loss)
+            i += int64(cuda.gridDim.x) * block
+        if total:  # uniform: every thread leaves the loop
+            loss_sum = fold_block(loss_sum)
+            weight_sum = fold_block(weight_sum)
+            if cuda.threadIdx.x == 0:
+                out[0, cuda.blockIdx.x] = loss_sum
+                out[1, cuda.blockIdx.x] = weight_sum
+
+    return nll_loss
+
+
+@functools.cache
+def finish_kernel(strategy: int, block: int, dtype):
+    """One block folding partials (2, P) into out[0]: the loss sum (mode
+    SUM); the loss sum over `count` (MEAN, count > 0) or over the weight sum
+    (MEAN, count 0: all targets ignored gives 0 / 0 = NaN, as PyTorch); or
+    the weight sum (WEIGHT). `dtype` is out's dtype.
+
+    Launch config: [1, block].
+    """
+    acc, out_type, acc_dt = _types(dtype)
+    zero = acc_dt.type(0)
+    fold = group_reducer("sum", strategy, block, 1, block, acc_dt)
+
+    @bounded_kernel(block)
+    def finish(partials, mode, count, out):
+        tid = cuda.threadIdx.x
+        loss = zero
+        weight = zero
+        i = tid
+        while i < partials.shape[1]:
+            loss += partials[0, i]
+            weight += partials[1, i]
+            i += block
+        loss = fold(loss)
+        weight = fold(weight)
+        if tid == 0:
+            if mode == SUM:
+                out[0] = out_type(loss)
+            elif mode == WEIGHT:
+                out[0] = out_type(weight)
+            elif count > 0:
+                out[0] = out_type(loss / acc(count))
+            else:
+                out[0] = out_type(loss / weight)
+
+    return finish
+
+
+# --- host launchers ----------------------------------------------------------
+
+
+def launch_forward(
+    kind,
+    x,
+    target,
+    weight,
+    ignore_index,
+    smoothing,
+    out,
+    total,
+    plan,
+    strategy,
+    stream,
+    bad,
+):
+    """cross_entropy of x (outer, C, inner) into out: losses (outer, inner),
+    or partials (2, plan.grid) when `total`."""
+    kernel = forward_kernel(
+        kind, plan.regime, strategy, plan.block, total, np.dtype(out.dtype)
+    )
+    kernel[plan.grid, plan.block, stream](
+        x, target, weight, ignore_index, smoothing, plan.items, out, bad
+    )
+
+
+def launch_backward(
+    kind,
+    x,
+    target,
+    weight,
+    ignore_index,
+    smoothing,
+    grads,
+    scale,
+    denominator,
+    out,
+    plan,
+    strategy,
+    stream,
+    bad,
+):
+    kernel = backward_kernel(
+        kind, plan.regime, strategy, plan.block, np.dtype(out.dtype)
+    )
+    kernel[plan.grid, plan.block, stream](
+        x,
+        target,
+        weight,
+        ignore_index,
+        smoothing,
+        plan.items,
+        grads,
+        scale,
+        denominator,
+        out,
+        bad,
+    )
+
+
+def launch_nll(
+    x, target, weight, ignore_index, out, total, plan, strategy, stream, bad
+):
+    """nll_loss over (outer, C, inner); `plan` a ``FullReducePlan`` of the
+    positions; out as ``launch_forward``."""
+    kernel = nll_kernel(strategy, plan.block, total, np.dtype(out.dtype))
+    kernel[plan.grid, plan.block, stream](x, target, weight, ignore_index, out, bad)
+
+
+def launch_finish(partials, mode, count, out, block, strategy, stream):
+    kernel = finish_kernel(strategy, block, np.dtype(out.dtype))
+    kernel[1, block, stream](partials, mode, count, out)

@@ -9,6 +9,7 @@ from numba import config as _numba_config
 
 from softkern import nn
 from softkern._dispatch import device_of
+from softkern.ops.activations import gumbel_softmax, logsigmoid, sigmoid
 from softkern.ops.broadcast import broadcast_shapes, expand, where
 from softkern.ops.losses import cross_entropy, cross_entropy_backward, nll_loss
 from softkern.ops.reduce import amax, amin, dot, sum
@@ -37,11 +38,14 @@ __all__ = [
     "device_of",
     "dot",
     "expand",
+    "gumbel_softmax",
     "log_softmax",
     "log_softmax_backward",
+    "logsigmoid",
     "logsumexp",
     "nll_loss",
     "nn",
+    "sigmoid",
     "softmax",
     "softmax_backward",
     "softmax_plan",

@@ -33,12 +33,14 @@ p_j a - b w_j minus the one-hot term), like the softmax stream regime.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
 from numba import cuda, int64
+from numba.np.numpy_support import from_dtype
 
-from softkern._launch import WARP
+from softkern._launch import WARP, softmax_acc_dtype
 from softkern.cuda.reduce import group_reducer
 from softkern.cuda.softmax import (
     _group_layout,
@@ -169,7 +171,7 @@ def _target_terms(kind: str, dtype):
         @cuda.jit(device=True, inline=True)
         def probability_term(target, weight, smoothing, o, k, c, n):
             q = acc(target[o, k, c])
-            return acc(weight[k]) * (q * (one - smoothing) + smoothing / n)
+            return acc(weight[k]) * (q * (one - smoothing) + smoothing / acc(n))
 
         return probability_term
 
@@ -320,7 +322,9 @@ def forward_kernel(
                         loss = w_t * ((top - acc(x[o, t, c])) + log_sum)
                         if smoothing > 0:
                             uniform = mass * ((top - pivot) + log_sum) + spread
-                            loss = (one - smoothing) * loss + smoothing / n * uniform
+                            loss = (one - smoothing) * loss + smoothing / acc(
+                                n
+                            ) * uniform
                 if total:
                     loss_sum += loss
                     weight_sum += w_t
@@ -402,9 +406,9 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
                     if t >= 0:
                         live = True
                         w_t = acc(weight[t])
-                        uniform = smoothing / n * mass if smoothing > 0 else zero
+                        uniform = smoothing / acc(n) * mass if smoothing > 0 else zero
                         a = g * ((one - smoothing) * w_t + uniform) / den
-                        b = g * smoothing / n
+                        b = g * smoothing / acc(n)
                 k = first
                 while k < n:
                     grad = zero  # an ignored target's row
@@ -525,8 +529,9 @@ def launch_forward(
     kernel = forward_kernel(
         kind, plan.regime, strategy, plan.block, total, np.dtype(out.dtype)
     )
+    acc = softmax_acc_dtype(out.dtype).type
     kernel[plan.grid, plan.block, stream](
-        x, target, weight, ignore_index, smoothing, plan.items, out, bad
+        x, target, weight, ignore_index, acc(smoothing), plan.items, out, bad
     )
 
 
@@ -549,15 +554,16 @@ def launch_backward(
     kernel = backward_kernel(
         kind, plan.regime, strategy, plan.block, np.dtype(out.dtype)
     )
+    acc = softmax_acc_dtype(out.dtype).type
     kernel[plan.grid, plan.block, stream](
         x,
         target,
         weight,
         ignore_index,
-        smoothing,
+        acc(smoothing),
         plan.items,
         grads,
-        scale,
+        acc(scale),
         denominator,
         out,
         bad,
@@ -575,4 +581,61 @@ def launch_nll(
 
 def launch_finish(partials, mode, count, out, block, strategy, stream):
     kernel = finish_kernel(strategy, block, np.dtype(out.dtype))
-    kernel[1, block, stream](partials, mode, count, out)
+    kernel[1, block, stream](partials, mode, int64(count), out)
+
+
+# --- catalogue for compile checks -------------------------------------------
+
+
+def ptx_cases(block: int = 256):
+    """The loss kernels with the argument types they are launched with, as
+    ``cuda.reduce.ptx_cases``: each regime of the forward and backward
+    passes for both kinds of target in float32 and float64 (float16, which
+    computes in float32, in the rows regime), every strategy for the warp
+    regime; nll_loss and the finishing fold."""
+    idx = int64[:, :]
+    flag = int64[::1]
+    for name in ("float32", "float64", "float16"):
+        dtype = np.dtype(name)
+        t = from_dtype(dtype)
+        acc = from_dtype(softmax_acc_dtype(dtype))
+        # float32 in every regime; float64 and float16 (computed in float32)
+        # where registers are tightest; each strategy once, in the warp regime.
+        regimes = ("warp", "stream", "columns") if name == "float32" else ("stream",)
+        for regime, kind in itertools.product(regimes, KINDS):
+            target = idx if kind == "index" else t[:, :, :]
+            common = (t[:, :, :], target, acc[::1], int64, acc, int64)
+            strategies = (0, 1, 2) if (regime, kind) == ("warp", "index") else (2,)
+            for strategy, total in itertools.product(strategies, (False, True)):
+                out = acc[:, ::1] if total else t[:, ::1]
+                yield (
+                    f"{regime}/cross_entropy/{kind}/{name}/r{strategy}"
+                    + ("/total" if total else ""),
+                    forward_kernel(kind, regime, strategy, block, total, dtype),
+                    (*common, out, flag),
+                    name,
+                    strategy,
+                )
+            yield (
+                f"{regime}/cross_entropy_backward/{kind}/{name}/r2",
+                backward_kernel(kind, regime, 2, block, dtype),
+                (*common, acc[::1], acc, acc[::1], t[:, :, ::1], flag),
+                name,
+                2,
+            )
+        for total in (False, True):
+            out = acc[:, ::1] if total else t[:, ::1]
+            yield (
+                f"nll_loss/{name}" + ("/total" if total else ""),
+                nll_kernel(2, block, total, dtype),
+                (t[:, :, :], idx, acc[::1], int64, out, flag),
+                name,
+                2,
+            )
+        yield (
+            f"finish/{name}",
+            finish_kernel(2, block, dtype),
+            (acc[:, ::1], int64, int64, t[::1]),
+            name,
+            2,
+        )

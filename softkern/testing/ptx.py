@@ -203,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from numba import cuda
 
-    from softkern.cuda import broadcast, copy, reduce, softmax
+    from softkern.cuda import activations, broadcast, copy, losses, reduce, softmax
 
     cases = itertools.chain(
         reduce.ptx_cases(args.block),
         copy.ptx_cases(),
         softmax.ptx_cases(args.block),
         broadcast.ptx_cases(),
+        losses.ptx_cases(args.block),
+        activations.ptx_cases(args.block),
     )
     for name, kernel, argtypes, dtype, strategy in cases:
         record = {"name": name, "dtype": dtype, "strategy": strategy, "cc": args.cc}

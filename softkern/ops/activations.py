@@ -1,0 +1,158 @@
+"""sigmoid, logsigmoid and gumbel_softmax: validate, dispatch to the CPU or
+GPU kernels."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from typing import Any
+
+import numpy as np
+from numba.cuda.random import create_xoroshiro128p_states
+
+from softkern import _launch, _layout
+from softkern.cpu import activations as cpu_activations
+from softkern.cuda import activations as cuda_activations
+from softkern.ops.reduce import _flat, _Operand
+from softkern.ops.softmax import FLOAT_NAMES, _contiguous_view, _cpu_input, softmax
+
+
+def _unary(name: str, x: Any, block: int | None) -> Any:
+    fn = f"softkern.{name}"
+    a = _Operand(x, "x")
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{fn}: x has dtype {a.dtype}; expected a real dtype")
+    # Integer and bool input gives float32, as torch.sigmoid does.
+    out_dtype = a.dtype if a.dtype.name in FLOAT_NAMES else np.dtype(np.float32)
+    native, out = a.empty(a.shape, out_dtype)
+    if math.prod(a.shape) == 0:
+        return native
+    x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
+    acc = _launch.softmax_acc_dtype(out_dtype)
+    if a.call is None:
+        if x1.dtype == np.bool_:
+            x1 = x1.view(np.uint8)  # Numba's bool loads are slow
+        x1 = _cpu_input(x1)
+        target = out if out_dtype == acc else np.empty(a.shape, acc)
+        kernel = getattr(cpu_activations, name)
+        kernel(x1, _flat(target), acc.type(-np.inf))
+        if target is not out:
+            out[...] = target
+        return native
+    plan = _launch.full_reduce_plan(x1.shape[0], _launch.check_block(block))
+    with a.call.on_device():
+        kernel = cuda_activations.unary_kernel(name, plan.block, out_dtype)
+        kernel[plan.grid, plan.block, a.call.stream](x1, _flat(out))
+    return native
+
+
+def sigmoid(x: Any, *, block: int | None = None) -> Any:
+    """1 / (1 + exp(-x)) elementwise, like ``torch.sigmoid``: computed from
+    exp(-|x|), so it never overflows (sigmoid(-1000) is 0, not NaN). Integer
+    and bool input gives float32; float16 computes in float32. Returns a new
+    C-contiguous array of x's kind and shape."""
+    return _unary("sigmoid", x, block)
+
+
+def logsigmoid(x: Any, *, block: int | None = None) -> Any:
+    """log(sigmoid(x)) elementwise, like ``torch.nn.functional.logsigmoid``,
+    computed stably as min(x, 0) - log1p(exp(-|x|)): logsigmoid(-1000) is
+    -1000, not -inf. Dtypes as ``sigmoid``."""
+    return _unary("logsigmoid", x, block)
+
+
+def gumbel_softmax(
+    logits: Any,
+    tau: float = 1.0,
+    hard: bool = False,
+    dim: int = -1,
+    seed: int | None = None,
+    *,
+    block: int | None = None,
+) -> Any:
+    """A sample of the Gumbel-softmax (concrete) distribution over `dim`,
+    like ``torch.nn.functional.gumbel_softmax``: softmax((logits + g) / tau)
+    with g standard Gumbel noise, g = -log(E), E ~ Exp(1).
+
+    `hard=True` returns the exact one-hot (0 and 1) of the soft sample's
+    argmax instead (PyTorch returns the same values, plus a straight-through
+    gradient that softkern does not track). `seed` (an int; None draws one)
+    makes the noise reproducible on one device: on the CPU it comes from
+    NumPy's ``default_rng(seed)``, on the GPU from Numba's xoroshiro128+
+    states seeded with it, a state per thread of the plan's grid. The two
+    devices give different samples for one seed. float16 computes in
+    float32. Returns a new C-contiguous array of the logits' kind, shape and
+    dtype.
+    """
+    fn = "softkern.gumbel_softmax"
+    a = _Operand(logits, "logits")
+    if a.dtype.name not in FLOAT_NAMES:
+        raise TypeError(
+            f"{fn}: logits have dtype {a.dtype}; expected float16, float32 or float64"
+        )
+    if (
+        not isinstance(tau, numbers.Real)
+        or isinstance(tau, bool)
+        or not (0 < float(tau) < math.inf)
+    ):
+        raise ValueError(f"{fn}: tau must be a positive finite number, got {tau!r}")
+    if seed is None:
+        seed = secrets.randbits(63)
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"{fn}: seed must be a non-negative int or None, got {seed!r}")
+    dims = _layout.normalize_dims(dim, len(a.shape))
+    if isinstance(dim, (tuple, list)) or len(dims) > 1:
+        raise TypeError(f"{fn}: dim must be one int, got {dim!r}")
+    dim = dims[0] if dims else 0
+    acc = _launch.softmax_acc_dtype(a.dtype)
+    if math.prod(a.shape) == 0:
+        return a.empty(a.shape, a.dtype)[0]
+    shape3 = (
+        math.prod(a.shape[:dim]),
+        a.shape[dim] if a.shape else 1,
+        math.prod(a.shape[dim + 1 :]),
+    )
+    if a.call is None:
+        noise = np.random.default_rng(seed).gumbel(size=a.shape)
+        z = ((_cpu_input(a.array) + noise) / float(tau)).astype(acc)
+        soft = softmax(z, dim, out=z)
+        native, out = a.empty(a.shape, a.dtype)
+        if hard:
+            hot = out if a.dtype == acc else np.empty(a.shape, acc)
+            cpu_activations.one_hot_max(
+                soft.reshape(shape3), _contiguous_view(hot, shape3)
+            )
+            soft = hot
+        if soft is not out:
+            out[...] = soft
+        return native
+    block = _launch.check_block(block)
+    x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
+    plan = _launch.full_reduce_plan(x1.shape[0], block)
+    stream = a.call.stream
+    with a.call.on_device():
+        z_native, z = a.empty(a.shape, acc)
+        states = create_xoroshiro128p_states(
+            plan.grid * plan.block, seed=seed, stream=stream
+        )
+        cuda_activations.gumbel_kernel(plan.block, acc)[plan.grid, plan.block, stream](
+            x1, states, acc.type(tau), _flat(z)
+        )
+        soft_native = softmax(z_native, dim, out=z_native)
+        if not hard and a.dtype == acc:
+            return soft_native
+        native, out = a.empty(a.shape, a.dtype)
+        z3 = _contiguous_view(z, shape3)
+        out3 = _contiguous_view(out, shape3)
+        if hard:
+            positions = _launch.full_reduce_plan(shape3[0] * shape3[2], block)
+            kernel = cuda_activations.one_hot_kernel(positions.block, a.dtype)
+            kernel[positions.grid, positions.block, stream](z3, out3)
+        else:  # float16: round the float32 sample
+            kernel = cuda_activations.unary_kernel("identity", plan.block, a.dtype)
+            kernel[plan.grid, plan.block, stream](_flat(z), _flat(out))
+    return native
+
+
+__all__ = ["gumbel_softmax", "logsigmoid", "sigmoid"]

@@ -87,6 +87,45 @@ def check_examples(on_gpu: bool, block: int | None) -> list[tuple[str, bool, str
             np.where(cond, x64, y.astype(np.float64)),
         ),
     ]
+    target = rng.integers(0, x.shape[1], x.shape[0])
+    lse = np.log(np.exp(x64).sum(1))
+    picked = x64[np.arange(x.shape[0]), target]
+    onehot = np.eye(x.shape[1])[target]
+    cases += [
+        (
+            "cross_entropy(x, target)",
+            lambda m: sk.cross_entropy(m(x), m(target), block=block),
+            np.mean(lse - picked),
+        ),
+        (
+            "cross_entropy(x, target, label_smoothing=0.1, reduction='sum')",
+            lambda m: sk.cross_entropy(
+                m(x), m(target), reduction="sum", label_smoothing=0.1, block=block
+            ),
+            np.sum(0.9 * (lse - picked) + 0.1 * np.mean(lse[:, None] - x64, 1)),
+        ),
+        (
+            "nll_loss(log_softmax(x, 1), target, reduction='none')",
+            lambda m: sk.nll_loss(
+                sk.log_softmax(m(x), 1, block=block),
+                m(target),
+                reduction="none",
+                block=block,
+            ),
+            lse - picked,
+        ),
+        (
+            "cross_entropy_backward(x, target)",
+            lambda m: sk.cross_entropy_backward(m(x), m(target), block=block),
+            (e1 / e1.sum(1, keepdims=True) - onehot) / x.shape[0],
+        ),
+        ("sigmoid(x)", lambda m: sk.sigmoid(m(x), block=block), 1 / (1 + np.exp(-x64))),
+        (
+            "logsigmoid(x)",
+            lambda m: sk.logsigmoid(m(x), block=block),
+            -np.log1p(np.exp(-x64)),
+        ),
+    ]
     devices = [("cpu", np.ascontiguousarray)]
     if on_gpu or numba_config.ENABLE_CUDASIM:
         devices.append(("gpu", cuda.to_device))

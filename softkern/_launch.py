@@ -87,6 +87,19 @@ def full_reduce_plan(n: int, block: int = DEFAULT_BLOCK) -> FullReducePlan:
     return FullReducePlan(n=n, block=block, grid=grid)
 
 
+# gumbel_softmax's noise kernel keeps one xoroshiro128+ state per thread, and
+# Numba seeds the states on the host (a 2**64-step jump each), so the kernel
+# runs at most this many blocks: 32768 states at 256 threads, seeded in a
+# few milliseconds; each thread then draws many numbers, grid-stride.
+GUMBEL_MAX_GRID = 128
+
+
+def gumbel_plan(n: int, block: int = DEFAULT_BLOCK) -> FullReducePlan:
+    """Grid-stride launch over `n` elements with at most GUMBEL_MAX_GRID blocks."""
+    grid = max(1, min(cdiv(n, block), GUMBEL_MAX_GRID, MAX_GRID))
+    return FullReducePlan(n=n, block=block, grid=grid)
+
+
 @dataclass(frozen=True)
 class DimReducePlan:
     """Reduce the middle axis of an (outer, n, inner) view.

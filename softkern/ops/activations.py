@@ -129,7 +129,7 @@ def gumbel_softmax(
         return native
     block = _launch.check_block(block)
     x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
-    plan = _launch.full_reduce_plan(x1.shape[0], block)
+    plan = _launch.gumbel_plan(x1.shape[0], block)
     stream = a.call.stream
     with a.call.on_device():
         z_native, z = a.empty(a.shape, acc)

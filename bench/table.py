@@ -1,5 +1,5 @@
 """Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py,
-bench/bench_softmax.py and bench/bench_broadcast.py.
+bench/bench_softmax.py, bench/bench_broadcast.py and bench/bench_losses.py.
 
     python bench/table.py RESULTS.json [--device cpu] > table.md
     python bench/table.py RESULTS.json [--device cpu] --readme README.md
@@ -10,8 +10,8 @@ One table per benchmark group; rows are implementations. Which benchmark a
 row belongs to is read from the JSON (``--bench`` picks one when a file holds
 several). With ``--readme`` each benchmark's tables replace whatever lies
 between its markers in that file (``MARKERS``: ``<!-- bench:reduce:start -->``
-... ``<!-- bench:reduce:end -->``, and the same with ``softmax`` and
-``broadcast``); a file without them is left untouched.
+... ``<!-- bench:reduce:end -->``, and the same with ``softmax``,
+``broadcast`` and ``losses``); a file without them is left untouched.
 """
 
 from __future__ import annotations
@@ -30,18 +30,21 @@ SOFTMAX_START = "<!-- bench:softmax:start -->"
 SOFTMAX_END = "<!-- bench:softmax:end -->"
 BROADCAST_START = "<!-- bench:broadcast:start -->"
 BROADCAST_END = "<!-- bench:broadcast:end -->"
+LOSSES_START = "<!-- bench:losses:start -->"
+LOSSES_END = "<!-- bench:losses:end -->"
 MARKERS = {
     "reduce": (START, END),
     "softmax": (SOFTMAX_START, SOFTMAX_END),
     "broadcast": (BROADCAST_START, BROADCAST_END),
+    "losses": (LOSSES_START, LOSSES_END),
 }
 BENCHES = tuple(MARKERS)
 
 
 def bench_kind(bench: dict[str, Any]) -> str:
-    """ "reduce", "softmax" or "broadcast": bench_softmax.py and
-    bench_broadcast.py name themselves in extra_info; older reduce results
-    carry no name."""
+    """ "reduce", "softmax", "broadcast" or "losses": bench_softmax.py,
+    bench_broadcast.py and bench_losses.py name themselves in extra_info;
+    older reduce results carry no name."""
     info = bench.get("extra_info", {})
     if info.get("bench"):
         return str(info["bench"])
@@ -93,6 +96,24 @@ BROADCAST_NOTE = (
     "(a preallocated array of the result's shape, read and written): 1 is "
     "the speed of copying the result; an expand, which reads almost nothing, "
     "can go below 1."
+)
+
+
+LOSSES_NOTE = (
+    "- Times are per call: min and median over the rounds; float32 logits "
+    "(seeded standard normals) of shape (N, C), int64 targets (seeded, uniform "
+    "over the C classes), reduction `mean`. GB/s = bytes / min time, where a "
+    "row's bytes are the least its job moves: the forward reads the logits "
+    "and the targets, the backward reads them and writes the gradient, "
+    "forward+backward is both; the copy's are the logits read and written. "
+    "`torch / this` = PyTorch's min time / this row's: above 1 is faster than "
+    "PyTorch. `this / copy` = this row's min time / the `np.copyto` floor's "
+    "(the logits copied into a preallocated array): about 0.5 is as fast as "
+    "memory allows for the forward, 1 for the backward, 1.5 for "
+    "forward+backward. The backward's `torch` row runs only what autograd "
+    "runs for the backward of `F.cross_entropy` (`nll_loss_backward`, "
+    "`_log_softmax_backward_data`) on the log-probabilities its forward "
+    "saved; softkern's backward recomputes the softmax from the logits."
 )
 
 
@@ -356,6 +377,72 @@ def render_softmax(
     )
 
 
+# Losses: rows are found by their impl key (bench_losses.IMPLS); the
+# per-group tables are the softmax ones (torch / this, this / copy).
+LOSS_FUNCTIONS = ("cross_entropy", "cross_entropy_backward", "forward+backward")
+
+
+def _losses_key(bench: dict[str, Any]) -> tuple:
+    info = bench.get("extra_info", {})
+    return (info.get("device", ""), info.get("function", ""), tuple(info["shape"]))
+
+
+def _losses_groups(
+    benches: Sequence[dict[str, Any]],
+) -> dict[tuple, list[dict[str, Any]]]:
+    """Groups per device and function (forward, backward, both), shapes in the
+    order they ran."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for b in benches:
+        groups.setdefault(_losses_key(b), []).append(b)
+    order = {f: i for i, f in enumerate(LOSS_FUNCTIONS)}
+    keys = sorted(
+        enumerate(groups),
+        key=lambda ik: (ik[1][0], order.get(ik[1][1], len(order)), ik[1][1], ik[0]),
+    )
+    return {k: groups[k] for _, k in keys}
+
+
+def losses_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """One row per (function, shape): softkern against PyTorch (fused and,
+    for the forward, log_softmax + nll_loss) and the copy floor."""
+    lines = [
+        "| function | shape | softkern ms | torch ms | torch unfused ms | copy ms | "
+        "torch / softkern | torch unfused / softkern | softkern / copy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for benches in groups.values():
+        by_impl = {b["extra_info"].get("impl"): b for b in benches}
+        sk, torch, unfused, copy = (
+            by_impl.get(k) for k in ("softkern", "torch", "torch-unfused", "copy")
+        )
+        info = benches[0]["extra_info"]
+        times = [
+            "n/a" if b is None else fmt_ms(b["stats"]["min"])
+            for b in (sk, torch, unfused, copy)
+        ]
+        lines.append(
+            f"| {info.get('function', '?')} | {_shape(info)} | "
+            + " | ".join(times)
+            + f" | {_ratio(torch, sk)} | {_ratio(unfused, sk)} | {_ratio(sk, copy)} |"
+        )
+    return lines
+
+
+def render_losses(
+    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+) -> str:
+    return _render_groups(
+        data,
+        benches,
+        summary,
+        _losses_groups(benches),
+        LOSSES_NOTE,
+        losses_summary_table,
+        softmax_group_table,
+    )
+
+
 # Broadcast: rows are found by their impl key (bench_broadcast.IMPLS).
 
 
@@ -478,6 +565,8 @@ def render(
         return render_softmax(data, benches, summary)
     if bench == "broadcast":
         return render_broadcast(data, benches, summary)
+    if bench == "losses":
+        return render_losses(data, benches, summary)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for b in benches:
         groups.setdefault(_group_key(b), []).append(b)

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 from numba import cuda, float32, int64
-from numba.cuda.random import xoroshiro128p_next, xoroshiro128p_uniform_float64
 from numba.np.numpy_support import from_dtype
 
 from softkern.cuda.softmax import _types, bounded_kernel
@@ -53,13 +52,25 @@ def unary_kernel(name: str, block: int, dtype):
     return activation
 
 
-@cuda.jit(device=True, inline=True)
-def uniform_float32(states, index):
-    """A float32 uniform in [0, 1) from the top 24 bits of the next
-    xoroshiro128+ output: exact, and no float64 (Numba's own
-    xoroshiro128p_uniform_float32 converts through float64)."""
-    bits = xoroshiro128p_next(states, index) >> np.uint64(40)
-    return float32(bits) * float32(2.0**-24)
+@functools.cache
+def _uniform(dtype):
+    """Device function: a uniform in [0, 1) of `dtype` from a thread's
+    xoroshiro128+ state. float32 takes the top 24 bits of the next output:
+    exact, and no float64 (Numba's own xoroshiro128p_uniform_float32
+    converts through float64)."""
+    # Imported here: importing numba.cuda.random emits deprecation warnings
+    # (numba-cuda's own jit options), which `import softkern` should not.
+    from numba.cuda.random import xoroshiro128p_next, xoroshiro128p_uniform_float64
+
+    if np.dtype(dtype) == np.float64:
+        return xoroshiro128p_uniform_float64
+
+    @cuda.jit(device=True, inline=True)
+    def uniform_float32(states, index):
+        bits = xoroshiro128p_next(states, index) >> np.uint64(40)
+        return float32(bits) * float32(2.0**-24)
+
+    return uniform_float32
 
 
 @functools.cache
@@ -73,7 +84,7 @@ def gumbel_kernel(block: int, dtype):
     acc, _, acc_dt = _types(dtype)
     one = acc_dt.type(1)
     inf = acc_dt.type(np.inf)
-    uniform = xoroshiro128p_uniform_float64 if acc_dt == np.float64 else uniform_float32
+    uniform = _uniform(acc_dt)
 
     @bounded_kernel(block)
     def gumbel_noise(x, states, tau, z):
@@ -125,7 +136,7 @@ def one_hot_kernel(block: int, dtype):
 def ptx_cases(block: int = 256):
     """sigmoid, logsigmoid, gumbel noise and the one-hot kernel, as
     ``cuda.reduce.ptx_cases``."""
-    from numba.cuda.random import xoroshiro128p_type
+    from numba.cuda.random import xoroshiro128p_type  # see _uniform
 
     for name in ("float32", "float64", "float16"):
         dtype = np.dtype(name)

@@ -9,7 +9,6 @@ import secrets
 from typing import Any
 
 import numpy as np
-from numba.cuda.random import create_xoroshiro128p_states
 
 from softkern import _launch, _layout
 from softkern.cpu import activations as cpu_activations
@@ -131,6 +130,10 @@ def gumbel_softmax(
     x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
     plan = _launch.gumbel_plan(x1.shape[0], block)
     stream = a.call.stream
+    # Imported here: numba.cuda.random warns on import (numba-cuda's own
+    # deprecated jit options), which `import softkern` should not.
+    from numba.cuda.random import create_xoroshiro128p_states
+
     with a.call.on_device():
         z_native, z = a.empty(a.shape, acc)
         states = create_xoroshiro128p_states(

@@ -1,0 +1,376 @@
+"""GPU cross_entropy, nll_loss, cross_entropy_backward, sigmoid, logsigmoid
+and gumbel_softmax (the CUDA simulator without a GPU), against the float64
+references of ``softkern.testing.references``.
+
+The loss kernels follow ``softmax_plan`` on the (outer, C, inner) view
+around the class dim: a warp per row for rows of at most WARP_ROW_BYTES, a
+block per row ("shared", "stream") for longer ones, tiles of 32 positions
+("columns") for K-dim inputs. The simulator runs a Python thread per CUDA
+thread, so shapes are tiny, the plan's limits are lowered
+(``small_regimes``) to reach every row regime with rows of a few dozen
+classes, and `small_grid` caps the grid at 4 blocks so blocks walk several
+rows. On a real GPU the same tests run with the real limits and bigger shapes.
+"""
+
+import numpy as np
+import pytest
+from helpers import GPU_BLOCKS, SIMULATOR, to_gpu, to_host
+from numba import cuda
+from test_losses_cpu import (
+    LOSSES,
+    REDUCTIONS,
+    SPECIAL_T,
+    SPECIAL_X,
+    TOL,
+    batch,
+    check_backward,
+    check_loss,
+    class_dim,
+    classes,
+    index_target,
+    logits,
+    prob_target,
+    ref_ce,
+    ref_nll,
+)
+
+import softkern as sk
+from softkern import _launch
+from softkern.testing.references import EXACT
+
+pytestmark = pytest.mark.usefixtures("small_grid")
+
+BLOCK = GPU_BLOCKS[0]
+
+
+@pytest.fixture
+def small_regimes(monkeypatch):
+    """Rows over 64 float32 leave the warp regime and rows over 128 leave
+    shared memory, so short rows reach all three row regimes."""
+    if SIMULATOR:
+        monkeypatch.setattr(_launch, "WARP_ROW_BYTES", 256)
+        monkeypatch.setattr(_launch, "SHARED_ROW_BYTES", 512)
+
+
+def small(shape_sim, shape_gpu):
+    return shape_sim if SIMULATOR else shape_gpu
+
+
+def gpu(a):
+    """A device copy; 0-d arrays stay 0-d (to_gpu would make them 1-d)."""
+    return to_gpu(a) if np.ndim(a) else cuda.to_device(np.asarray(a))
+
+
+def regime_of(shape, dtype=np.float32):
+    return sk.softmax_plan(shape, class_dim(shape), dtype, BLOCK).regime
+
+
+# (input shape, regime): comments name the branch each shape hits
+CASES = [
+    (small((5, 40), (4096, 250)), "warp"),  # (N, C): a warp per row, 2 a lane
+    (small((40,), (250,)), "warp"),  # (C,) with a 0-d target: one warp
+    (small((3, 100), (64, 8000)), "shared"),  # a block per row
+    (small((3, 150), (16, 20000)), "stream"),  # a block per row, longer
+    (small((3, 37, 5), (16, 1000, 64)), "columns"),  # (N, C, d1): 32-wide tiles
+    (small((2, 12, 3, 2), (4, 100, 32, 16)), "columns"),  # (N, C, d1, d2)
+]
+IDS = [f"{regime}-{len(shape)}d" for shape, regime in CASES]
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize(("shape", "regime"), CASES, ids=IDS)
+def test_index_targets_every_regime(rng, shape, regime):
+    assert regime_of(shape) == regime
+    x = logits(rng, shape)
+    t = index_target(rng, shape, ignore_index=2)
+    w = rng.uniform(0.2, 2.0, classes(shape)).astype(np.float32)
+    d, dt, dw = gpu(x), gpu(t), gpu(w)
+    kw = {"ignore_index": 2, "label_smoothing": 0.1}
+    # a regime's second shape: per-position results only (fewer launches)
+    full = shape not in (CASES[1][0], CASES[5][0])
+    for reduction in ("none", "mean") if full else ("none",):  # sum: below
+        got = sk.cross_entropy(d, dt, dw, reduction=reduction, block=BLOCK, **kw)
+        assert sk.device_of(got) == "cuda"
+        check_loss(to_host(got), ref_ce(x, t, w, reduction=reduction, **kw), np.float32)
+    if full:
+        g = dg = 0.7
+        kw["reduction"] = "mean"
+    else:
+        g = np.asarray(rng.standard_normal(batch(shape)), np.float32)
+        dg, kw["reduction"] = gpu(g), "none"
+    got = sk.cross_entropy_backward(d, dt, dg, dw, block=BLOCK, **kw)
+    check_backward(to_host(got), x, t, g, weight=w, **kw)
+    for a, host in ((d, x), (dt, t), (dw, w)):  # inputs untouched
+        np.testing.assert_array_equal(to_host(a), host)
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize(("shape", "regime"), [CASES[0], CASES[3], CASES[4]])
+def test_probability_targets_every_regime(rng, shape, regime):
+    # warp, stream, columns
+    x, q = logits(rng, shape), prob_target(rng, shape)
+    w = rng.uniform(0.2, 2.0, classes(shape)).astype(np.float32)
+    d, dq, dw = gpu(x), gpu(q), gpu(w)
+    kw = {"label_smoothing": 0.2}
+    got = to_host(sk.cross_entropy(d, dq, dw, block=BLOCK, **kw))
+    check_loss(got, ref_ce(x, q, w, **kw), np.float32)
+    g = rng.standard_normal(batch(shape)).astype(np.float32)
+    kw["reduction"] = "none"
+    got = sk.cross_entropy_backward(d, dq, gpu(g), dw, block=BLOCK, **kw)
+    check_backward(to_host(got), x, q, g, weight=w, **kw)
+    np.testing.assert_array_equal(to_host(dq), q)
+
+
+# 2 (warp shuffles) is the default, tested above
+@pytest.mark.parametrize(("strategy", "shape"), [(0, CASES[0][0]), (1, CASES[4][0])])
+def test_reduce_strategies(rng, strategy, shape):
+    # 0 on the warp regime, 1 on the columns regime
+    x = logits(rng, shape)
+    t = index_target(rng, shape, ignore_index=-100)
+    d, dt = gpu(x), gpu(t)
+    kw = {"reduce": strategy, "block": BLOCK}
+    got = to_host(sk.cross_entropy(d, dt, reduction="sum", **kw))
+    check_loss(got, ref_ce(x, t, reduction="sum"), np.float32)
+    got = to_host(sk.cross_entropy_backward(d, dt, **kw))  # mean: nll + finish
+    check_backward(got, x, t)
+
+
+def test_float64_and_float16(rng):
+    x = logits(rng, (4, 40), np.float64)
+    t = index_target(rng, x.shape, ignore_index=-100)
+    d, dt = gpu(x), gpu(t)
+    kw = {"reduction": "none", "label_smoothing": 0.3}
+    got = to_host(sk.cross_entropy(d, dt, block=BLOCK, **kw))
+    check_loss(got, ref_ce(x, t, **kw), np.float64)
+    got = to_host(sk.cross_entropy_backward(d, dt, 1.5, reduction="sum", block=BLOCK))
+    check_backward(got, x, t, 1.5, reduction="sum")
+    h = x.astype(np.float16)
+    dh = gpu(h)
+    got = to_host(sk.cross_entropy(dh, dt, label_smoothing=0.1, block=BLOCK))
+    check_loss(got, ref_ce(h, t, label_smoothing=0.1), np.float16)
+    got = to_host(sk.cross_entropy_backward(dh, dt, block=BLOCK))
+    check_backward(got, h, t, tol=2e-3)
+
+
+@pytest.mark.parametrize("target_dtype", [np.int32, np.uint8])
+def test_integer_target_dtypes(rng, target_dtype):
+    x = logits(rng, (5, 3, 4))
+    t = index_target(rng, x.shape, dtype=target_dtype)
+    got = sk.cross_entropy(gpu(x), gpu(t), reduction="sum", block=BLOCK)
+    check_loss(to_host(got), ref_ce(x, t, reduction="sum"), np.float32)
+
+
+def test_all_ignored_and_empty(rng):
+    x = logits(rng, (4, 30))
+    d, dt = gpu(x), gpu(np.full(4, 3))
+    mean = to_host(sk.cross_entropy(d, dt, ignore_index=3, block=BLOCK))
+    assert mean.shape == () and mean.dtype == np.float32 and np.isnan(mean)
+    total = sk.cross_entropy(d, dt, ignore_index=3, reduction="sum", block=BLOCK)
+    assert to_host(total) == 0
+    assert np.isnan(to_host(sk.nll_loss(d, dt, ignore_index=3, block=BLOCK)))
+    grad = to_host(sk.cross_entropy_backward(d, dt, ignore_index=3, block=BLOCK))
+    np.testing.assert_array_equal(grad, np.zeros_like(x))  # mean: 0, not NaN
+    e, et = gpu(np.empty((0, 5), np.float32)), gpu(np.empty(0, np.int64))
+    assert np.isnan(to_host(sk.cross_entropy(e, et)))
+    assert to_host(sk.cross_entropy(e, et, reduction="sum")) == 0
+    assert to_host(sk.cross_entropy(e, et, reduction="none")).shape == (0,)
+    assert to_host(sk.cross_entropy_backward(e, et)).shape == (0, 5)
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize("width", [30, 150])  # warp, stream
+def test_special_values(width):
+    # each row repeats its pattern, so every thread meets the special value
+    x = np.array([np.resize(row, width) for row in SPECIAL_X], np.float32)
+    layouts = [(x, SPECIAL_T, (0.0, 0.1) if width < 100 else (0.0,))]
+    if width < 100:  # columns as well: (1, width, 7)
+        layouts.append((np.moveaxis(x[None], 1, 2).copy(), SPECIAL_T[None], (0.1,)))
+    for data, t, smoothing in layouts:
+        d, dt = gpu(data), gpu(t)
+        for eps in smoothing:
+            kw = {"reduction": "none", "label_smoothing": eps}
+            got = to_host(sk.cross_entropy(d, dt, block=BLOCK, **kw))
+            check_loss(got, ref_ce(data, t, **kw), np.float32)  # torch's rules
+        got = to_host(sk.cross_entropy_backward(d, dt, reduction="sum", block=BLOCK))
+        rows = got if got.ndim == 2 else got[0].T  # (position, class)
+        assert np.isfinite(rows[[0, 1, 6]]).all()  # untouched by neighbours
+        assert np.isnan(rows[2:5]).all()
+
+
+def test_grad_output_forms(rng):
+    x = logits(rng, (4, 40))
+    t = index_target(rng, x.shape, ignore_index=-100)
+    d, dt = gpu(x), gpu(t)
+    g0 = gpu(np.array(2.5, np.float32))  # a 0-d array (numbers: everywhere)
+    got = to_host(sk.cross_entropy_backward(d, dt, g0, reduction="sum", block=BLOCK))
+    check_backward(got, x, t, 2.5, reduction="sum")
+    g = rng.standard_normal(4).astype(np.float32)
+    strided = gpu(np.repeat(g, 2))[::2]  # a strided device view
+    for dg in (gpu(g), strided):
+        got = sk.cross_entropy_backward(d, dt, dg, reduction="none", block=BLOCK)
+        got = to_host(got)
+        check_backward(got, x, t, g, reduction="none")
+    with pytest.raises(ValueError):  # "none" needs one value per position
+        sk.cross_entropy_backward(d, dt, gpu(np.ones(3)), reduction="none")
+
+
+def test_nll_loss(rng):
+    x = logits(rng, (3, 7, 5), np.float64)
+    t = index_target(rng, x.shape, ignore_index=4)
+    w = rng.uniform(0.2, 2, 7)
+    d, dt, dw = gpu(x), gpu(t), gpu(w)
+    for reduction in REDUCTIONS:
+        got = to_host(sk.nll_loss(d, dt, dw, 4, reduction, block=BLOCK))
+        check_loss(got, ref_nll(x, t, w, 4, reduction), np.float64)
+    # cross_entropy(x) == nll_loss(log_softmax(x))
+    logp = sk.log_softmax(d, 1, block=BLOCK)
+    np.testing.assert_allclose(
+        to_host(sk.nll_loss(logp, dt, dw, 4, block=BLOCK)),
+        sk.cross_entropy(x, t, w, 4),
+        rtol=1e-12,
+    )
+    v = logits(rng, (9,), np.float32)  # (C,) and a 0-d target
+    got = to_host(sk.nll_loss(gpu(v), gpu(np.array(5)), reduction="none", block=BLOCK))
+    assert got.shape == () and got == -v[5]
+
+
+# --- errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_bad_targets_raise_index_error(fn):
+    x = gpu(np.zeros((3, 4), np.float32))
+    with pytest.raises(IndexError, match="7"):
+        fn(x, gpu(np.array([0, 7, 1], np.int32)), block=BLOCK)
+    k = gpu(np.zeros((2, 4, 3), np.float32))  # the columns regime
+    with pytest.raises(IndexError, match="-1"):
+        fn(k, gpu(np.array([[0, 1, 2], [3, -1, 0]])), block=BLOCK, reduction="none")
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_errors_on_the_gpu(fn):
+    x, t = np.zeros((3, 4), np.float32), np.array([0, 1, 3])
+    d, dt = gpu(x), gpu(t)
+    w = np.ones(4, np.float32)
+    for args, kw in (((d, t), {}), ((x, dt), {}), ((d, dt), {"weight": w})):
+        with pytest.raises(TypeError):  # mixed devices
+            fn(*args, **kw)
+    with pytest.raises(ValueError, match="avg"):
+        fn(d, dt, reduction="avg")
+    with pytest.raises(ValueError):
+        fn(d, dt, weight=gpu(np.ones(5, np.float32)))
+    with pytest.raises(ValueError):
+        fn(d, gpu(np.array([0, 1])))
+    with pytest.raises(ValueError):
+        fn(gpu(np.array(1.0, np.float32)), gpu(np.array(0)))
+    with pytest.raises(TypeError):
+        fn(gpu(x.astype(np.int32)), dt)
+    with pytest.raises(TypeError):
+        fn(d, gpu(t.astype(np.float32)))
+    with pytest.raises(ValueError):
+        fn(d, dt, reduce=3)
+
+
+def test_backward_errors_on_the_gpu():
+    x, t = np.zeros((3, 4), np.float32), np.array([0, 1, 3])
+    d, dt = gpu(x), gpu(t)
+    with pytest.raises(TypeError):  # a host grad_output for a device input
+        sk.cross_entropy_backward(d, dt, np.array(1.0))
+    with pytest.raises(TypeError):
+        sk.cross_entropy_backward(x, t, gpu(np.array(1.0)))
+    with pytest.raises(ValueError):
+        sk.cross_entropy_backward(d, dt, label_smoothing=2.0)
+
+
+# --- sigmoid, logsigmoid -----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_sigmoid(rng, dtype):
+    x = np.concatenate(
+        [rng.standard_normal(40) * 15, [-1e4, 1e4, 0.0, np.inf, -np.inf, np.nan]]
+    ).astype(dtype)
+    tol, tiny = TOL[dtype], np.finfo(dtype).tiny
+    d = gpu(x)
+    for fn, name in ((sk.sigmoid, "sigmoid"), (sk.logsigmoid, "logsigmoid")):
+        got = to_host(fn(d, block=BLOCK))
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_allclose(got[:-1], EXACT[name](x)[:-1], tol, tiny)
+        assert np.isnan(got[-1])
+    s, ls = to_host(sk.sigmoid(d, block=BLOCK)), to_host(sk.logsigmoid(d, block=BLOCK))
+    assert s[-3] == 1 and s[-2] == 0 and ls[-3] == 0 and ls[-2] == -np.inf
+    np.testing.assert_array_equal(to_host(d), x)
+
+
+def test_sigmoid_layouts_and_integers(rng):
+    base = rng.standard_normal((6, 20)) * 5
+    view = gpu(base)[::2, 1::3]  # a strided device view, read in place
+    for fn, name in ((sk.sigmoid, "sigmoid"), (sk.logsigmoid, "logsigmoid")):
+        got = to_host(fn(view, block=BLOCK))
+        np.testing.assert_allclose(got, EXACT[name](base[::2, 1::3]), rtol=1e-12)
+        ints = to_host(fn(gpu(np.arange(-3, 4, dtype=np.int32)), block=BLOCK))
+        assert ints.dtype == np.float32
+        np.testing.assert_allclose(ints, EXACT[name](np.arange(-3, 4)), rtol=1e-6)
+    assert to_host(sk.sigmoid(gpu(np.array(0.0)), block=BLOCK)) == 0.5  # 0-d
+    assert to_host(sk.sigmoid(gpu(np.empty((2, 0))), block=BLOCK)).shape == (2, 0)
+
+
+# --- gumbel_softmax ------------------------------------------------------------
+
+
+def test_gumbel_seed_hard_and_tau(rng):
+    # 32 elements: one block of 32 states (the simulator makes each state and
+    # draws each number in Python, ~0.1 s a state)
+    x = logits(rng, small((4, 8), (64, 100)), np.float64, 1.0)
+    d = gpu(x)
+    soft = to_host(sk.gumbel_softmax(d, seed=42, block=BLOCK))
+    assert soft.dtype == np.float64 and soft.shape == x.shape
+    other = sk.gumbel_softmax(d, seed=43, block=BLOCK)
+    assert not np.array_equal(soft, to_host(other))
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-12)
+    assert len({row.tobytes() for row in soft}) == len(soft)
+    # the same seed, the same sample: hard is exactly the soft sample's argmax,
+    # and at another temperature y_2 is proportional to sqrt(y_1)
+    hard = to_host(sk.gumbel_softmax(d, hard=True, seed=42, block=BLOCK))
+    np.testing.assert_array_equal(hard, np.eye(x.shape[1])[np.argmax(soft, 1)])
+    y2 = to_host(sk.gumbel_softmax(d, tau=2.0, seed=42, block=BLOCK))
+    s = np.sqrt(soft)
+    np.testing.assert_allclose(y2, s / s.sum(1, keepdims=True), rtol=1e-9)
+    np.testing.assert_array_equal(to_host(d), x)
+
+
+def test_gumbel_dim0_and_float16(rng):
+    x = logits(rng, (8, 4), np.float16, 1.0)  # dim 0: the columns regime
+    hard = to_host(sk.gumbel_softmax(gpu(x), hard=True, dim=0, seed=5, block=BLOCK))
+    assert hard.dtype == np.float16 and set(np.unique(hard)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(hard.sum(0), 1)
+    soft = to_host(sk.gumbel_softmax(gpu(x), dim=0, seed=5, block=BLOCK))
+    assert soft.dtype == np.float16
+    np.testing.assert_allclose(soft.astype(np.float64).sum(0), 1.0, rtol=2e-3)
+    hot = np.argmax(hard, 0)
+    np.testing.assert_array_equal(soft[hot, range(4)], soft.max(0))
+
+
+@pytest.mark.skipif(
+    SIMULATOR, reason="the simulator draws ~100 numbers a second (CPU test checks)"
+)
+def test_gumbel_samples_follow_softmax(rng):
+    # the Gumbel-max trick: argmax(x + g) ~ Categorical(softmax(x)), along
+    # dim 0 of a (4, n) array (columns) and dim 1 of its transpose (warp)
+    n = 200_000
+    row = np.array([0.0, 1.0, -1.0, 0.5], np.float32)
+    p = EXACT["softmax"](row, 0)
+    se = np.sqrt(p * (1 - p) / n)
+    for x, dim in ((np.repeat(row[:, None], n, 1), 0), (np.tile(row, (n, 1)), 1)):
+        seed = int(rng.integers(2**31))
+        hard = to_host(sk.gumbel_softmax(gpu(x), hard=True, dim=dim, seed=seed))
+        freq = hard.astype(np.float64).mean(1 - dim)
+        assert np.all(np.abs(freq - p) <= 5 * se), (dim, freq, p)
+
+
+def test_gumbel_errors_on_the_gpu():
+    d = gpu(np.zeros((3, 4), np.float32))
+    with pytest.raises(TypeError):
+        sk.gumbel_softmax(gpu(np.zeros((3, 4), np.int32)), seed=0)
+    with pytest.raises(ValueError):
+        sk.gumbel_softmax(d, tau=0.0, seed=0)

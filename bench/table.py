@@ -403,30 +403,53 @@ def _losses_groups(
     return {k: groups[k] for _, k in keys}
 
 
-def losses_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
-    """One row per (function, shape): softkern against PyTorch (fused and,
-    for the forward, log_softmax + nll_loss) and the copy floor."""
+def _impl_summary_table(
+    groups: dict[tuple, list[dict[str, Any]]],
+    columns: tuple[str, str],
+    label: Any,
+    impls: dict[str, str],
+    ratios: Sequence[tuple[str, str, str]],
+) -> list[str]:
+    """One row per group: `columns` (the label's and the shape's headers),
+    then each of `impls` (extra_info impl -> header)'s min time, then each
+    ratio (header, numerator impl, denominator impl)."""
+    heads = [*columns, *(f"{h} ms" for h in impls.values()), *(r[0] for r in ratios)]
     lines = [
-        "| function | shape | softkern ms | torch ms | torch unfused ms | copy ms | "
-        "torch / softkern | torch unfused / softkern | softkern / copy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(heads) + " |",
+        "|---|---|" + "---:|" * (len(heads) - 2),
     ]
     for benches in groups.values():
         by_impl = {b["extra_info"].get("impl"): b for b in benches}
-        sk, torch, unfused, copy = (
-            by_impl.get(k) for k in ("softkern", "torch", "torch-unfused", "copy")
-        )
         info = benches[0]["extra_info"]
-        times = [
-            "n/a" if b is None else fmt_ms(b["stats"]["min"])
-            for b in (sk, torch, unfused, copy)
+        cells = [label(benches), _shape(info)]
+        cells += [
+            "n/a" if by_impl.get(k) is None else fmt_ms(by_impl[k]["stats"]["min"])
+            for k in impls
         ]
-        lines.append(
-            f"| {info.get('function', '?')} | {_shape(info)} | "
-            + " | ".join(times)
-            + f" | {_ratio(torch, sk)} | {_ratio(unfused, sk)} | {_ratio(sk, copy)} |"
-        )
+        cells += [_ratio(by_impl.get(num), by_impl.get(den)) for _, num, den in ratios]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def losses_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
+    """One row per (function, shape): softkern against PyTorch (fused and,
+    for the forward, log_softmax + nll_loss) and the copy floor."""
+    return _impl_summary_table(
+        groups,
+        ("function", "shape"),
+        lambda benches: benches[0]["extra_info"].get("function", "?"),
+        {
+            "softkern": "softkern",
+            "torch": "torch",
+            "torch-unfused": "torch unfused",
+            "copy": "copy",
+        },
+        [
+            ("torch / softkern", "torch", "softkern"),
+            ("torch unfused / softkern", "torch-unfused", "softkern"),
+            ("softkern / copy", "softkern", "copy"),
+        ],
+    )
 
 
 def render_losses(
@@ -489,27 +512,17 @@ def broadcast_group_table(benches: Sequence[dict[str, Any]]) -> list[str]:
 def broadcast_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
     """One row per call pattern: softkern against NumPy, PyTorch and the copy
     floor."""
-    lines = [
-        "| call | result | softkern ms | numpy ms | torch ms | copy ms | "
-        "numpy / softkern | torch / softkern | softkern / copy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for benches in groups.values():
-        by_impl = {b["extra_info"].get("impl"): b for b in benches}
-        sk, numpy, torch, copy = (
-            by_impl.get(k) for k in ("softkern", "numpy", "torch", "copy")
-        )
-        info = benches[0]["extra_info"]
-        times = [
-            "n/a" if b is None else fmt_ms(b["stats"]["min"])
-            for b in (sk, numpy, torch, copy)
-        ]
-        lines.append(
-            f"| {info.get('call', benches[0].get('group'))} | {_shape(info)} | "
-            + " | ".join(times)
-            + f" | {_ratio(numpy, sk)} | {_ratio(torch, sk)} | {_ratio(sk, copy)} |"
-        )
-    return lines
+    return _impl_summary_table(
+        groups,
+        ("call", "result"),
+        lambda benches: benches[0]["extra_info"].get("call", benches[0].get("group")),
+        {"softkern": "softkern", "numpy": "numpy", "torch": "torch", "copy": "copy"},
+        [
+            ("numpy / softkern", "numpy", "softkern"),
+            ("torch / softkern", "torch", "softkern"),
+            ("softkern / copy", "softkern", "copy"),
+        ],
+    )
 
 
 def render_broadcast(

@@ -33,27 +33,14 @@ from test_losses_cpu import (
     ref_ce,
     ref_nll,
 )
+from test_softmax_gpu import small, small_regimes  # noqa: F401 (a fixture)
 
 import softkern as sk
-from softkern import _launch
 from softkern.testing.references import EXACT
 
 pytestmark = pytest.mark.usefixtures("small_grid")
 
 BLOCK = GPU_BLOCKS[0]
-
-
-@pytest.fixture
-def small_regimes(monkeypatch):
-    """Rows over 64 float32 leave the warp regime and rows over 128 leave
-    shared memory, so short rows reach all three row regimes."""
-    if SIMULATOR:
-        monkeypatch.setattr(_launch, "WARP_ROW_BYTES", 256)
-        monkeypatch.setattr(_launch, "SHARED_ROW_BYTES", 512)
-
-
-def small(shape_sim, shape_gpu):
-    return shape_sim if SIMULATOR else shape_gpu
 
 
 def gpu(a):

@@ -98,6 +98,15 @@ def log_sum(top, rest):
 
 
 @njit(inline="always", cache=True)
+def total_of(weight):
+    """The sum of the class weights, in float64."""
+    total = 0.0
+    for c in range(weight.size):
+        total += weight[c]
+    return total
+
+
+@njit(inline="always", cache=True)
 def smoothed(q, smoothing, n):
     """A class probability after label smoothing: q (1 - eps) + eps / C."""
     return q * (1.0 - smoothing) + smoothing / n
@@ -115,9 +124,7 @@ def index_rows(x, target, weight, ignore_index, smoothing, losses, weights, lowe
     """Loss of each row with a class-index target into losses[r] and the
     target's weight into weights[r] (both 0 for an ignored row)."""
     count, n = x.shape
-    weight_sum = 0.0
-    for c in range(n):
-        weight_sum += weight[c]
+    weight_sum = total_of(weight)
     chunks = min(count, ROW_CHUNKS)
     for chunk in prange(chunks):
         for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
@@ -164,9 +171,7 @@ def index_rows_backward(
     """d loss / d x of each row: g (p_j ((1 - eps) w_t + eps/C sum w)
     - eps/C w_j - (1 - eps) w_t [j == t]), g = grads[r] * scale."""
     count, n = x.shape
-    weight_sum = 0.0
-    for c in range(n):
-        weight_sum += weight[c]
+    weight_sum = total_of(weight)
     chunks = min(count, ROW_CHUNKS)
     for chunk in prange(chunks):
         for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
@@ -238,9 +243,7 @@ def index_columns(
 ):
     """``index_rows`` for (outer, C, inner) inputs and (outer, inner) targets."""
     outer, n, inner = x.shape
-    weight_sum = 0.0
-    for c in range(n):
-        weight_sum += weight[c]
+    weight_sum = total_of(weight)
     strips = (inner + strip - 1) // strip
     for item in prange(outer * strips):
         o, c0, width = strip_of(item, strips, strip, inner)
@@ -293,9 +296,7 @@ def index_columns_backward(
 ):
     """``index_rows_backward`` for (outer, C, inner) inputs."""
     outer, n, inner = x.shape
-    weight_sum = 0.0
-    for c in range(n):
-        weight_sum += weight[c]
+    weight_sum = total_of(weight)
     strips = (inner + strip - 1) // strip
     for item in prange(outer * strips):
         o, c0, width = strip_of(item, strips, strip, inner)

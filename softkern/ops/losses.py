@@ -301,47 +301,44 @@ class _GpuScratch:
             _raise_bad_target(self.loss, bad[1])
 
 
-def _gpu_forward(loss: _Loss, strategy: int) -> Any:
+def _gpu_losses(loss: _Loss, launch: Any, grid: int, strategy: int) -> Any:
+    """Run ``launch(weight, out, total, scratch)`` on the GPU: into the
+    per-position losses for reduction "none", else into per-block partials
+    (total=True) that one more launch folds into the 0-d result. Raises
+    IndexError after the launches if a kernel met a bad target."""
     scratch = _GpuScratch(loss)
-    plan = loss.plan
     with loss.a.call.on_device():
         weight = scratch.weight()
         if loss.reduction == "none":
             native, out = loss.a.empty(loss.batch_shape, loss.out_dtype)
-            losses = _contiguous_view(out, (plan.outer, plan.inner))
-            cuda_losses.launch_forward(
-                loss.kind,
-                loss.x3,
-                loss.target3,
-                weight,
-                loss.ignore_index,
-                loss.smoothing,
-                losses,
-                False,
-                plan,
-                strategy,
-                scratch.stream,
-                scratch.bad,
-            )
+            positions = (loss.x3.shape[0], loss.x3.shape[2])
+            launch(weight, _contiguous_view(out, positions), False, scratch)
         else:
-            partials = loss.a.empty((2, plan.grid), loss.acc)[1]
-            cuda_losses.launch_forward(
-                loss.kind,
-                loss.x3,
-                loss.target3,
-                weight,
-                loss.ignore_index,
-                loss.smoothing,
-                partials,
-                True,
-                plan,
-                strategy,
-                scratch.stream,
-                scratch.bad,
-            )
+            partials = loss.a.empty((2, grid), loss.acc)[1]
+            launch(weight, partials, True, scratch)
             native = _finish(loss, partials, strategy, scratch.stream)
         scratch.check()
     return native
+
+
+def _gpu_forward(loss: _Loss, strategy: int) -> Any:
+    def launch(weight: Any, out: Any, total: bool, scratch: _GpuScratch) -> None:
+        cuda_losses.launch_forward(
+            loss.kind,
+            loss.x3,
+            loss.target3,
+            weight,
+            loss.ignore_index,
+            loss.smoothing,
+            out,
+            total,
+            loss.plan,
+            strategy,
+            scratch.stream,
+            scratch.bad,
+        )
+
+    return _gpu_losses(loss, launch, loss.plan.grid, strategy)
 
 
 def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
@@ -447,25 +444,23 @@ def nll_loss(
             x3, target, _cpu_weight(loss), loss.ignore_index, losses, weights
         )
         return _reduce_cpu(loss, losses, weights)
-    scratch = _GpuScratch(loss)
     plan = _launch.full_reduce_plan(loss.positions, loss.plan.block)
-    with loss.a.call.on_device():
-        weight = scratch.weight()
-        args = (loss.x3, loss.target3, weight, loss.ignore_index)
-        if loss.reduction == "none":
-            native, out = loss.a.empty(loss.batch_shape, loss.out_dtype)
-            losses = _contiguous_view(out, (loss.x3.shape[0], loss.x3.shape[2]))
-            cuda_losses.launch_nll(
-                *args, losses, False, plan, strategy, scratch.stream, scratch.bad
-            )
-        else:
-            partials = loss.a.empty((2, plan.grid), loss.acc)[1]
-            cuda_losses.launch_nll(
-                *args, partials, True, plan, strategy, scratch.stream, scratch.bad
-            )
-            native = _finish(loss, partials, strategy, scratch.stream)
-        scratch.check()
-    return native
+
+    def launch(weight: Any, out: Any, total: bool, scratch: _GpuScratch) -> None:
+        cuda_losses.launch_nll(
+            loss.x3,
+            loss.target3,
+            weight,
+            loss.ignore_index,
+            out,
+            total,
+            plan,
+            strategy,
+            scratch.stream,
+            scratch.bad,
+        )
+
+    return _gpu_losses(loss, launch, plan.grid, strategy)
 
 
 # --- backward ----------------------------------------------------------------

@@ -14,7 +14,13 @@ from softkern import _launch, _layout
 from softkern.cpu import activations as cpu_activations
 from softkern.cuda import activations as cuda_activations
 from softkern.ops.reduce import _flat, _Operand
-from softkern.ops.softmax import FLOAT_NAMES, _contiguous_view, _cpu_input, softmax
+from softkern.ops.softmax import (
+    FLOAT_NAMES,
+    _contiguous_view,
+    _cpu_input,
+    _frozen,
+    softmax,
+)
 
 
 def _unary(name: str, x: Any, block: int | None) -> Any:
@@ -30,9 +36,11 @@ def _unary(name: str, x: Any, block: int | None) -> Any:
     x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
     acc = _launch.softmax_acc_dtype(out_dtype)
     if a.call is None:
-        if x1.dtype == np.bool_:
-            x1 = x1.view(np.uint8)  # Numba's bool loads are slow
-        x1 = _cpu_input(x1)
+        # Integers and float16 become a float32 copy: one kernel per float
+        # dtype (Numba compiles one per input dtype; float16 it cannot load).
+        if x1.dtype.name not in ("float32", "float64"):
+            x1 = x1.astype(np.float32)
+        x1 = _frozen(x1)
         target = out if out_dtype == acc else np.empty(a.shape, acc)
         kernel = getattr(cpu_activations, name)
         kernel(x1, _flat(target), acc.type(-np.inf))

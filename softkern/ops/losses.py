@@ -15,7 +15,7 @@ from softkern import _dispatch, _launch
 from softkern.cpu import losses as cpu_losses
 from softkern.cuda import losses as cuda_losses
 from softkern.ops.reduce import _flat, _Operand
-from softkern.ops.softmax import FLOAT_NAMES, _contiguous_view, _cpu_input
+from softkern.ops.softmax import FLOAT_NAMES, _contiguous_view, _cpu_input, _frozen
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -180,7 +180,7 @@ def _check_targets_cpu(loss: _Loss) -> np.ndarray:
     bad = ~ignored & ((t < 0) | (t >= loss.classes))
     if bad.any():
         _raise_bad_target(loss, t[bad].flat[0])
-    return np.ascontiguousarray(t, dtype=np.int64)
+    return _frozen(np.ascontiguousarray(t, dtype=np.int64))
 
 
 def _raise_bad_target(loss: _Loss, value: int) -> None:
@@ -193,8 +193,8 @@ def _raise_bad_target(loss: _Loss, value: int) -> None:
 
 def _cpu_weight(loss: _Loss) -> np.ndarray:
     if loss.weight is None:
-        return np.ones(loss.classes, loss.acc)
-    return np.ascontiguousarray(loss.weight.array, dtype=loss.acc)
+        return _frozen(np.ones(loss.classes, loss.acc))
+    return _frozen(np.ascontiguousarray(loss.weight.array, dtype=loss.acc))
 
 
 def _empty_result(loss: _Loss) -> Any:
@@ -471,7 +471,7 @@ def _grads(loss: _Loss, grad_output: Any) -> tuple[Any, bool]:
     one per position for reduction "none"; and whether it is on the host."""
     fn = loss.fn
     if isinstance(grad_output, numbers.Real) and not isinstance(grad_output, bool):
-        return np.array([grad_output], np.float64), True
+        return _frozen(np.array([grad_output], np.float64)), True
     g = _Operand(grad_output, "grad_output")
     if g.device != loss.a.device:
         raise TypeError(
@@ -491,7 +491,7 @@ def _grads(loss: _Loss, grad_output: Any) -> tuple[Any, bool]:
     else:
         flat = g.view([(0, len(g.shape))])
     if g.call is None:
-        return np.ascontiguousarray(flat, dtype=np.float64), True
+        return _frozen(np.ascontiguousarray(flat, dtype=np.float64)), True
     return flat, False
 
 

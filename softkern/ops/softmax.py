@@ -82,10 +82,21 @@ def _rows(x3: Any, writeable: bool = False) -> Any:
     return _dispatch.strided_view(x3, x3.shape[:2], x3.strides[:2], writeable=writeable)
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """`a` as a read-only array (a view). Every CPU kernel input is read-only,
+    as the views of the caller's arrays are, so Numba compiles one version
+    of a kernel, not one per writeable flag (seconds each, on a cold cache)."""
+    a = np.asarray(a)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def _cpu_input(x3: np.ndarray) -> np.ndarray:
     # Numba has no float16 arithmetic on the CPU: float16 input is widened
     # first (a copy, for float16 only).
-    return x3.astype(np.float32) if x3.dtype == np.float16 else x3
+    return _frozen(x3.astype(np.float32) if x3.dtype == np.float16 else x3)
 
 
 def _given_out(a: _Operand, out: Any, dtype: np.dtype, fn: str) -> tuple[Any, Any]:

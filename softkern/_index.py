@@ -1,6 +1,7 @@
-"""Index arithmetic shared by the CPU and GPU broadcast kernels.
+"""Index arithmetic shared by the CPU and GPU kernels (broadcasting, and the
+one-hot of gumbel_softmax).
 
-One plain Python function, compiled by ``numba.njit`` for the CPU kernels
+Plain Python functions, each compiled by ``numba.njit`` for the CPU kernels
 and by ``numba.cuda.jit(device=True)`` for the GPU kernels, and callable as
 is with Python ints: tests check the 64-bit kernels' arithmetic against
 exact Python arithmetic on shapes of more than 2**31 elements without
@@ -20,3 +21,15 @@ def offset_of(i, shape, strides):
         offset += (i % size) * strides[d]
         i //= size
     return offset
+
+
+def first_argmax(y, o, c):
+    """Index k of the first maximum of y[o, :, c] (a 3-D array), where NaN
+    counts as larger than any number, as ``torch.argmax``."""
+    best = 0
+    for k in range(1, y.shape[1]):
+        v = y[o, k, c]
+        top = y[o, best, c]
+        if v > top or (v != v and top == top):
+            best = k
+    return best

@@ -815,3 +815,20 @@ def test_gumbel_errors():
     for tau in (0.0, -1.0):
         with pytest.raises(ValueError):
             sk.gumbel_softmax(x, tau=tau, seed=0)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        [1.0, 3.0, 3.0, 2.0],  # a tie: the first
+        [1.0, np.nan, 5.0, np.nan],  # NaN counts as the largest: the first NaN
+        [-np.inf, -np.inf],
+        [7.0],
+    ],
+)
+def test_first_argmax_is_numpys_argmax(column):
+    # The one plain-Python function both devices' one-hot kernels compile.
+    from softkern._index import first_argmax
+
+    y = np.array(column).reshape(1, -1, 1)
+    assert first_argmax(y, 0, 0) == np.argmax(y[0, :, 0])

@@ -12,7 +12,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from softkern._index import first_argmax as _first_argmax
 from softkern.cpu.softmax import as_acc, exp
+
+first_argmax = njit(inline="always", cache=True)(_first_argmax)
 
 
 @njit(parallel=True, cache=True)
@@ -38,10 +41,6 @@ def one_hot_max(y, out):
     outer, n, inner = y.shape
     for o in prange(outer):
         for c in range(inner):
-            best = 0
-            for k in range(1, n):
-                v = y[o, k, c]
-                if v > y[o, best, c] or (v != v and y[o, best, c] == y[o, best, c]):
-                    best = k
+            best = first_argmax(y, o, c)
             for k in range(n):
                 out[o, k, c] = 1 if k == best else 0

@@ -15,7 +15,10 @@ import numpy as np
 from numba import cuda, float32, int64
 from numba.np.numpy_support import from_dtype
 
+from softkern._index import first_argmax as _first_argmax
 from softkern.cuda.softmax import _types, bounded_kernel
+
+first_argmax = cuda.jit(device=True, inline=True)(_first_argmax)
 
 # "identity" converts dtypes (gumbel_softmax's float16 result).
 UNARY = ("sigmoid", "logsigmoid", "identity")
@@ -118,11 +121,7 @@ def one_hot_kernel(block: int, dtype):
         while i < outer * inner:
             o = i // inner
             c = i - o * inner
-            best = 0
-            for k in range(1, n):
-                v = y[o, k, c]
-                if v > y[o, best, c] or (v != v and y[o, best, c] == y[o, best, c]):
-                    best = k
+            best = first_argmax(y, o, c)
             for k in range(n):
                 out[o, k, c] = out_type(1 if k == best else 0)
             i += int64(cuda.gridDim.x) * block

@@ -2,10 +2,12 @@
 
 cross_entropy never stores the log-probabilities. The input is viewed as
 (outer, C, inner) around the class dim. Rows regime (inner == 1): rows in
-parallel, and per row two sweeps that stay in cache: the max (``llvm.maxnum``),
-then the sum of exp(x - max) in float64; the loss of the row follows from
-lse = max + log(sum) and the target's logit, read once. Label smoothing and
-probability targets add one more sweep over the cached row for
+parallel; each row in tiles of ``TILE`` elements, two sweeps per tile that
+stay in L1: the max (``llvm.maxnum``), then the sum of exp(x - max) in
+float64, kept apart from the max's own 1 (``tile_stats``); the tiles' (max,
+rest) pairs merge online, so the row is read from memory once. The loss
+follows as (max - x_t) + log1p(rest), the target's logit read once. Label
+smoothing and probability targets add one more sweep over the row for
 sum_c u_c (max - x_c) (u = the weighted target distribution): written against
 the max, every term is >= 0, so nothing cancels. Columns regime (inner > 1,
 (N, C, d1..dK) inputs): strips of neighbouring positions whose C rows fit in
@@ -88,6 +90,12 @@ def row_stats(x, r, lowest):
         m, part = tile_stats(x, r, j0, min(n, j0 + TILE), lowest)
         top, rest = merge_stats(top, rest, m, part)
     return top, rest
+
+
+@njit(inline="always", cache=True)
+def exp_sum(top, rest):
+    """The sum of exp(x - top), 1 + rest; NaN when the max is +inf."""
+    return np.nan if top == np.inf else 1.0 + rest
 
 
 @njit(inline="always", cache=True)
@@ -182,7 +190,7 @@ def index_rows_backward(
                 continue
             g = grad_of(grads, r) * scale
             top, rest = row_stats(x, r, lowest)
-            total = np.exp(log_sum(top, rest))
+            total = exp_sum(top, rest)
             w_t = np.float64(weight[t])
             a = as_acc(
                 g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / total,
@@ -205,7 +213,7 @@ def probs_rows_backward(x, q, weight, smoothing, grads, scale, out, lowest):
     for r in prange(count):
         g = grad_of(grads, r) * scale
         top, rest = row_stats(x, r, lowest)
-        total = np.exp(log_sum(top, rest))
+        total = exp_sum(top, rest)
         mass = 0.0
         for j in range(n):
             mass += weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
@@ -219,8 +227,8 @@ def probs_rows_backward(x, q, weight, smoothing, grads, scale, out, lowest):
 
 @njit(inline="always", cache=True)
 def strip_stats(x, o, c0, width, lowest):
-    """Column maxima of the strip and log(sum of exp(x - max)) per column,
-    from the sums kept apart from the max as ``row_rest``."""
+    """Column maxima of the strip and each column's rest (the sum of
+    exp(x - max) less 1, kept apart from the max as in ``tile_stats``)."""
     top = strip_max(x, o, c0, width, lowest)
     rest = np.zeros(width, dtype=np.float64)
     ties = np.zeros(width, dtype=np.int64)
@@ -231,10 +239,9 @@ def strip_stats(x, o, c0, width, lowest):
             hit = v == top[c]
             rest[c] += 0.0 if hit else exp(v - top[c])
             ties[c] += hit
-    shift = np.empty(width, dtype=np.float64)
     for c in range(width):
-        shift[c] = log_sum(top[c], rest[c] + (ties[c] - 1))
-    return top, shift
+        rest[c] += ties[c] - 1
+    return top, rest
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -247,7 +254,7 @@ def index_columns(
     strips = (inner + strip - 1) // strip
     for item in prange(outer * strips):
         o, c0, width = strip_of(item, strips, strip, inner)
-        top, shift = strip_stats(x, o, c0, width, lowest)
+        top, rest = strip_stats(x, o, c0, width, lowest)
         spread = np.zeros(width, dtype=np.float64)
         if smoothing > 0:
             for i in range(n):
@@ -261,9 +268,10 @@ def index_columns(
                 weights[o, c0 + c] = 0.0
                 continue
             w_t = np.float64(weight[t])
-            loss = w_t * ((top[c] - as_acc(x[o, t, c0 + c], lowest)) + shift[c])
+            shift = log_sum(top[c], rest[c])
+            loss = w_t * ((top[c] - as_acc(x[o, t, c0 + c], lowest)) + shift)
             if smoothing > 0:
-                uniform = weight_sum * shift[c] + spread[c]
+                uniform = weight_sum * shift + spread[c]
                 loss = (1.0 - smoothing) * loss + smoothing / n * uniform
             losses[o, c0 + c] = loss
             weights[o, c0 + c] = w_t
@@ -276,7 +284,7 @@ def probs_columns(x, q, weight, smoothing, strip, losses, lowest):
     strips = (inner + strip - 1) // strip
     for item in prange(outer * strips):
         o, c0, width = strip_of(item, strips, strip, inner)
-        top, shift = strip_stats(x, o, c0, width, lowest)
+        top, rest = strip_stats(x, o, c0, width, lowest)
         mass = np.zeros(width, dtype=np.float64)
         spread = np.zeros(width, dtype=np.float64)
         for i in range(n):
@@ -287,7 +295,7 @@ def probs_columns(x, q, weight, smoothing, strip, losses, lowest):
                 mass[c] += u
                 spread[c] += u * (top[c] - as_acc(xr[c], lowest))
         for c in range(width):
-            losses[o, c0 + c] = mass[c] * shift[c] + spread[c]
+            losses[o, c0 + c] = mass[c] * log_sum(top[c], rest[c]) + spread[c]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -300,8 +308,7 @@ def index_columns_backward(
     strips = (inner + strip - 1) // strip
     for item in prange(outer * strips):
         o, c0, width = strip_of(item, strips, strip, inner)
-        top, shift = strip_stats(x, o, c0, width, lowest)
-        total = np.exp(shift)
+        top, rest = strip_stats(x, o, c0, width, lowest)
         # Per column: the softmax's factor a, the uniform term's factor b and
         # the one-hot's size d at class t (an ignored column: all zero, and
         # t = -1 matches no class).
@@ -316,7 +323,8 @@ def index_columns_backward(
             g = grad_of(grads, o * inner + c0 + c) * scale
             w_t = np.float64(weight[tc])
             uniform = smoothing / n * weight_sum
-            a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform) / total[c], lowest)
+            total = exp_sum(top[c], rest[c])
+            a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform) / total, lowest)
             b[c] = as_acc(g * smoothing / n, lowest)
             d[c] = as_acc(g * (1.0 - smoothing) * w_t, lowest)
             t[c] = tc
@@ -336,8 +344,7 @@ def probs_columns_backward(x, q, weight, smoothing, grads, scale, strip, out, lo
     strips = (inner + strip - 1) // strip
     for item in prange(outer * strips):
         o, c0, width = strip_of(item, strips, strip, inner)
-        top, shift = strip_stats(x, o, c0, width, lowest)
-        total = np.exp(shift)
+        top, rest = strip_stats(x, o, c0, width, lowest)
         mass = np.zeros(width, dtype=np.float64)
         for i in range(n):
             qr = q[o, i, c0 : c0 + width]
@@ -347,7 +354,7 @@ def probs_columns_backward(x, q, weight, smoothing, grads, scale, strip, out, lo
         g = np.zeros(width, dtype=np.float64)
         for c in range(width):
             g[c] = grad_of(grads, o * inner + c0 + c) * scale
-            a[c] = as_acc(g[c] * mass[c] / total[c], lowest)
+            a[c] = as_acc(g[c] * mass[c] / exp_sum(top[c], rest[c]), lowest)
         for i in range(n):
             xr = x[o, i, c0 : c0 + width]
             qr = q[o, i, c0 : c0 + width]

@@ -6,9 +6,9 @@ caches the row, because the forward pass reads each element once anyway.
 
 - ``warp`` / ``shared`` / ``stream`` (inner == 1): a group of threads owns a
   row (a warp for rows of at most 1 KiB, the whole block otherwise); member r
-  reads elements r, r + group, ... and keeps an online max and sum of
-  exponentials (``cuda.softmax.online_update``), which the group merges
-  (``group_stats``).
+  reads elements r, r + group, ... and keeps an online max and the sum of
+  exponentials less the max's own 1 (``rest_update``), which the group
+  merges (``group_rest_stats``).
 - ``columns`` (inner > 1): tiles of 32 positions by block / 32 threads along
   C, so a warp reads 32 neighbouring addresses of one class row.
 
@@ -18,7 +18,8 @@ probability targets also fold u_c = the weighted target distribution:
 mass = sum u_c and spread = sum u_c (pivot - x_c), the pivot being the
 slice's first element (so near-equal logits do not cancel against a large
 lse): loss = (1 - eps) w_t (lse - x_t) + eps / C (mass (lse - pivot) +
-spread) for class indices, mass (lse - pivot) + spread for probabilities.
+spread) for class indices, mass (lse - pivot) + spread for probabilities,
+each lse - v computed as (max - v) + log1p(rest).
 
 For reduction "sum"/"mean" no per-row loss is stored: each owner thread adds
 its rows' losses and weights, the block folds them into one partial per

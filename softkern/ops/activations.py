@@ -33,7 +33,7 @@ def _unary(name: str, x: Any, block: int | None) -> Any:
     native, out = a.empty(a.shape, out_dtype)
     if math.prod(a.shape) == 0:
         return native
-    x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
+    x1 = a.view([(0, len(a.shape))])  # 1-D, a 0-d x too; copies only if needed
     acc = _launch.softmax_acc_dtype(out_dtype)
     if a.call is None:
         # Integers and float16 become a float32 copy: one kernel per float
@@ -115,11 +115,8 @@ def gumbel_softmax(
     acc = _launch.softmax_acc_dtype(a.dtype)
     if math.prod(a.shape) == 0:
         return a.empty(a.shape, a.dtype)[0]
-    shape3 = (
-        math.prod(a.shape[:dim]),
-        a.shape[dim] if a.shape else 1,
-        math.prod(a.shape[dim + 1 :]),
-    )
+    layout = _launch.softmax_plan(a.shape, dim, a.dtype)  # (outer, n, inner)
+    shape3 = (layout.outer, layout.n, layout.inner)
     if a.call is None:
         noise = np.random.default_rng(seed).gumbel(size=a.shape)
         z = ((_cpu_input(a.array) + noise) / float(tau)).astype(acc)
@@ -135,7 +132,7 @@ def gumbel_softmax(
             out[...] = soft
         return native
     block = _launch.check_block(block)
-    x1 = a.view([(0, len(a.shape))]) if a.shape else a.array.reshape(1)
+    x1 = a.view([(0, len(a.shape))])  # 1-D, a 0-d x too; copies only if needed
     plan = _launch.gumbel_plan(x1.shape[0], block)
     stream = a.call.stream
     # Imported here: numba.cuda.random warns on import (numba-cuda's own

@@ -33,7 +33,6 @@ class _Loss:
     ignore_index: int
     smoothing: float
     reduction: str
-    out_dtype: np.dtype
     batch_shape: tuple[int, ...]  # the shape of reduction="none"'s result
     plan: _launch.SoftmaxPlan
 
@@ -44,6 +43,10 @@ class _Loss:
     @property
     def positions(self) -> int:
         return self.x3.shape[0] * self.x3.shape[2]
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return self.a.dtype  # float16 results are computed in float32
 
     @property
     def acc(self) -> np.dtype:
@@ -139,8 +142,7 @@ def _prepare(
                 f"got {w.shape}"
             )
     x3 = a.around((class_dim,))
-    out_dtype = a.dtype
-    plan = _launch.softmax_plan(x3.shape, 1, out_dtype, block)
+    plan = _launch.softmax_plan(x3.shape, 1, a.dtype, block)
     loss = _Loss(
         fn=fn,
         a=a,
@@ -151,7 +153,6 @@ def _prepare(
         ignore_index=ignore_index,
         smoothing=smoothing,
         reduction=reduction,
-        out_dtype=out_dtype,
         batch_shape=batch_shape,
         plan=plan,
     )

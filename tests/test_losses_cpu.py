@@ -832,3 +832,12 @@ def test_first_argmax_is_numpys_argmax(column):
 
     y = np.array(column).reshape(1, -1, 1)
     assert first_argmax(y, 0, 0) == np.argmax(y[0, :, 0])
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_of_a_0d_input_is_one(hard):
+    # A single logit is its own softmax slice: the sample is 1, whatever the
+    # noise (it once came back as the noisy logit itself).
+    out = sk.gumbel_softmax(np.array(2.0, np.float32), hard=hard, seed=1)
+    assert out.shape == () and out.dtype == np.float32
+    assert out == 1.0

@@ -119,7 +119,9 @@ def gumbel_softmax(
     shape3 = (layout.outer, layout.n, layout.inner)
     if a.call is None:
         noise = np.random.default_rng(seed).gumbel(size=a.shape)
-        z = ((_cpu_input(a.array) + noise) / float(tau)).astype(acc)
+        # np.array, not .astype: a 0-d input's arithmetic gives a NumPy
+        # scalar, which softmax's out= cannot write into.
+        z = np.array((_cpu_input(a.array) + noise) / float(tau), dtype=acc)
         soft = softmax(z, dim, out=z)
         native, out = a.empty(a.shape, a.dtype)
         if hard:

@@ -16,6 +16,7 @@ from softkern.cuda import activations as cuda_activations
 from softkern.ops.reduce import _flat, _Operand
 from softkern.ops.softmax import (
     FLOAT_NAMES,
+    _computed_in,
     _contiguous_view,
     _cpu_input,
     _frozen,
@@ -41,11 +42,9 @@ def _unary(name: str, x: Any, block: int | None) -> Any:
         if x1.dtype.name not in ("float32", "float64"):
             x1 = x1.astype(np.float32)
         x1 = _frozen(x1)
-        target = out if out_dtype == acc else np.empty(a.shape, acc)
         kernel = getattr(cpu_activations, name)
-        kernel(x1, _flat(target), acc.type(-np.inf))
-        if target is not out:
-            out[...] = target
+        with _computed_in(out, acc) as target:
+            kernel(x1, _flat(target), acc.type(-np.inf))
         return native
     plan = _launch.full_reduce_plan(x1.shape[0], _launch.check_block(block))
     with a.call.on_device():
@@ -125,12 +124,11 @@ def gumbel_softmax(
         soft = softmax(z, dim, out=z)
         native, out = a.empty(a.shape, a.dtype)
         if hard:
-            hot = out if a.dtype == acc else np.empty(a.shape, acc)
-            cpu_activations.one_hot_max(
-                soft.reshape(shape3), _contiguous_view(hot, shape3)
-            )
-            soft = hot
-        if soft is not out:
+            with _computed_in(out, acc) as hot:
+                cpu_activations.one_hot_max(
+                    soft.reshape(shape3), _contiguous_view(hot, shape3)
+                )
+        else:
             out[...] = soft
         return native
     block = _launch.check_block(block)

@@ -15,7 +15,13 @@ from softkern import _dispatch, _launch
 from softkern.cpu import losses as cpu_losses
 from softkern.cuda import losses as cuda_losses
 from softkern.ops.reduce import _flat, _Operand
-from softkern.ops.softmax import FLOAT_NAMES, _contiguous_view, _cpu_input, _frozen
+from softkern.ops.softmax import (
+    FLOAT_NAMES,
+    _computed_in,
+    _contiguous_view,
+    _cpu_input,
+    _frozen,
+)
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -593,40 +599,38 @@ def _cpu_backward(loss: _Loss, grads: np.ndarray, scale: float, out: Any) -> Non
     x3 = _cpu_input(loss.x3)
     lowest = loss.acc.type(-np.inf)
     weight = _cpu_weight(loss)
-    target = out if loss.out_dtype == loss.acc else np.empty(loss.a.shape, loss.acc)
-    out3 = _contiguous_view(target, x3.shape)
     rows = loss.plan.cpu_regime == "rows"
     strip = loss.plan.cpu_strip
-    if loss.kind == "probs":
-        q3 = _cpu_input(loss.target3)
-        if rows:
-            cpu_losses.probs_rows_backward(
-                x3[:, :, 0],
-                q3[:, :, 0],
-                weight,
-                loss.smoothing,
-                grads,
-                scale,
-                out3[:, :, 0],
-                lowest,
-            )
+    with _computed_in(out, loss.acc) as target:
+        out3 = _contiguous_view(target, x3.shape)
+        if loss.kind == "probs":
+            q3 = _cpu_input(loss.target3)
+            if rows:
+                cpu_losses.probs_rows_backward(
+                    x3[:, :, 0],
+                    q3[:, :, 0],
+                    weight,
+                    loss.smoothing,
+                    grads,
+                    scale,
+                    out3[:, :, 0],
+                    lowest,
+                )
+            else:
+                cpu_losses.probs_columns_backward(
+                    x3, q3, weight, loss.smoothing, grads, scale, strip, out3, lowest
+                )
         else:
-            cpu_losses.probs_columns_backward(
-                x3, q3, weight, loss.smoothing, grads, scale, strip, out3, lowest
-            )
-    else:
-        index = _check_targets_cpu(loss)
-        if loss.reduction == "mean":
-            counted = index != loss.ignore_index
-            total_weight = np.sum(weight[index[counted]], dtype=np.float64)
-            with np.errstate(divide="ignore"):  # all ignored: every row is 0
-                scale = np.float64(scale) / total_weight
-        args = (weight, loss.ignore_index, loss.smoothing, grads, scale)
-        if rows:
-            cpu_losses.index_rows_backward(
-                x3[:, :, 0], index[:, 0], *args, out3[:, :, 0], lowest
-            )
-        else:
-            cpu_losses.index_columns_backward(x3, index, *args, strip, out3, lowest)
-    if target is not out:
-        out[...] = target
+            index = _check_targets_cpu(loss)
+            if loss.reduction == "mean":
+                counted = index != loss.ignore_index
+                total_weight = np.sum(weight[index[counted]], dtype=np.float64)
+                with np.errstate(divide="ignore"):  # all ignored: every row is 0
+                    scale = np.float64(scale) / total_weight
+            args = (weight, loss.ignore_index, loss.smoothing, grads, scale)
+            if rows:
+                cpu_losses.index_rows_backward(
+                    x3[:, :, 0], index[:, 0], *args, out3[:, :, 0], lowest
+                )
+            else:
+                cpu_losses.index_columns_backward(x3, index, *args, strip, out3, lowest)

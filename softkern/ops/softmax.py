@@ -3,9 +3,10 @@ dispatch to the CPU or GPU kernels."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,19 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+@contextlib.contextmanager
+def _computed_in(out: np.ndarray, acc: np.dtype) -> Iterator[np.ndarray]:
+    """The array a CPU kernel writes for `out`: `out` itself, or, when `out`
+    is float16 (which Numba cannot store on the CPU), an `acc` (float32)
+    array that is rounded into `out` when the block ends."""
+    if out.dtype == acc:
+        yield out
+    else:
+        wide = np.empty(out.shape, acc)
+        yield wide
+        out[...] = wide
+
+
 def _cpu_input(x3: np.ndarray) -> np.ndarray:
     # Numba has no float16 arithmetic on the CPU: float16 input is widened
     # first (a copy, for float16 only).
@@ -165,15 +179,13 @@ def _forward(
                 x3 = x3.astype(out_dtype)  # dtype= casts first, as PyTorch does
         x3 = _cpu_input(x3)
         acc = _launch.softmax_acc_dtype(out_dtype)
-        target = out if out_dtype == acc else np.empty(a.shape, acc)
-        out3 = _contiguous_view(target, shape3)
         kernels = cpu_softmax.kernels(acc.name)
-        if plan.cpu_regime == "rows":
-            kernels["rows"](_rows(x3), _rows(out3, True), log)
-        else:
-            kernels["columns"](x3, out3, plan.cpu_strip, log)
-        if target is not out:
-            out[...] = target
+        with _computed_in(out, acc) as target:
+            out3 = _contiguous_view(target, shape3)
+            if plan.cpu_regime == "rows":
+                kernels["rows"](_rows(x3), _rows(out3, True), log)
+            else:
+                kernels["columns"](x3, out3, plan.cpu_strip, log)
         return native
     out3 = _contiguous_view(out, shape3)
     if plan.regime != "columns":
@@ -260,14 +272,12 @@ def logsumexp(
     if a.call is None:
         x3 = _cpu_input(x3)
         acc = _launch.softmax_acc_dtype(out_dtype)
-        target = out2 if out_dtype == acc else np.empty((outer, inner), acc)
         kernels = cpu_softmax.kernels(acc.name)
-        if inner == 1:
-            kernels["logsumexp_rows"](_rows(x3), target[:, 0])
-        else:
-            kernels["logsumexp_columns"](x3, target, plan.cpu_strip)
-        if target is not out2:
-            out2[...] = target
+        with _computed_in(out2, acc) as target:
+            if inner == 1:
+                kernels["logsumexp_rows"](_rows(x3), target[:, 0])
+            else:
+                kernels["logsumexp_columns"](x3, target, plan.cpu_strip)
         return native
     if plan.regime != "columns":
         x3 = _rows(x3)
@@ -313,15 +323,13 @@ def _backward(
     if g.call is None:
         g3, y3 = _cpu_input(g3), _cpu_input(y3)
         acc = _launch.softmax_acc_dtype(g.dtype)
-        target = out if g.dtype == acc else np.empty(g.shape, acc)
-        out3 = _contiguous_view(target, shape3)
         kernels = cpu_softmax.kernels(acc.name)
-        if plan.cpu_regime == "rows":
-            kernels["rows_backward"](_rows(g3), _rows(y3), _rows(out3, True), log)
-        else:
-            kernels["columns_backward"](g3, y3, out3, plan.cpu_strip, log)
-        if target is not out:
-            out[...] = target
+        with _computed_in(out, acc) as target:
+            out3 = _contiguous_view(target, shape3)
+            if plan.cpu_regime == "rows":
+                kernels["rows_backward"](_rows(g3), _rows(y3), _rows(out3, True), log)
+            else:
+                kernels["columns_backward"](g3, y3, out3, plan.cpu_strip, log)
         return native
     out3 = _contiguous_view(out, shape3)
     if plan.regime != "columns":

@@ -7,7 +7,7 @@ array in, the same kind of array out).
 
 from numba import config as _numba_config
 
-from softkern import nn
+from softkern import _threads, nn
 from softkern._dispatch import device_of
 from softkern.ops.activations import gumbel_softmax, logsigmoid, sigmoid
 from softkern.ops.broadcast import broadcast_shapes, expand, where
@@ -21,6 +21,9 @@ from softkern.ops.softmax import (
     softmax_backward,
     softmax_plan,
 )
+
+# Before any parallel kernel runs: Numba picks its threading layer then.
+_threads.configure()
 
 if _numba_config.ENABLE_CUDASIM:
     # The simulator lacks warp intrinsics; ours make reduce=2 run there too.

@@ -1,8 +1,12 @@
-"""The tour: ``python -m softkern``.
+"""The tour, ``python -m softkern``, and ``python -m softkern warmup``.
 
-Prints the device it found, runs every operation on a small example and checks
-it against NumPy in float64, then times reduce=0/1/2 side by side on that
-device. ``--size`` sets the element count of the timing run.
+The tour prints the device it found, runs every operation on a small example
+and checks it against NumPy in float64, then times reduce=0/1/2 side by side
+on that device. ``--size`` sets the element count of the timing run.
+
+``warmup`` compiles every CPU kernel for every supported dtype into Numba's
+on-disk cache (minutes, once per machine and softkern version), so that no
+later process waits for a compiler; see ``softkern.warmup``.
 """
 
 from __future__ import annotations
@@ -168,9 +172,30 @@ def time_strategies(size: int, on_gpu: bool, repeat: int = 5) -> list[tuple]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m softkern", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m softkern",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("tour", "warmup"),
+        default="tour",
+        help="tour (the default) or warmup",
+    )
     parser.add_argument("--size", type=int, default=None, help="elements to time")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="warmup: processes compiling at once (default: one per core)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "warmup":
+        from softkern import warmup
+
+        return warmup.main(args.jobs)
 
     line, on_gpu = describe_device()
     print(f"softkern {sk.__version__} on {line}\n")

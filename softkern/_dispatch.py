@@ -1,4 +1,5 @@
-"""Which device an array lives on, and how to hand results back in its kind.
+"""The argument path shared by every operation: where an array lives, the
+plans cached per argument shape, and how results go back in the caller's kind.
 
 NumPy arrays, NumPy and Python scalars and sequences run on the CPU. Anything
 that exports ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
@@ -8,19 +9,28 @@ torch out) whose memory came from the caller's own allocator, and it launches
 on the caller's current stream, because PyTorch's interface carries no stream:
 launching on torch's stream orders our kernels after torch's pending work on
 the input and before torch's later work on our output, with no host sync.
+
+The CPU path is built to cost about a microsecond before the kernel runs:
+``cpu_array`` returns a NumPy array untouched, and each operation computes
+its plan (checks, output shape, kernel choice) in a function decorated with
+``plan_cache``, keyed by the arguments' shapes, dtypes and options, so a
+repeated call of the same shape skips straight to ``np.empty`` and the
+kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numba import config as numba_config
 from numba import cuda
+
+from softkern import _layout
 
 Device = Literal["cpu", "cuda"]
 
@@ -31,6 +41,56 @@ ACCEPTED = (
     "arrays, CuPy arrays, PyTorch CUDA tensors or any object with "
     "__cuda_array_interface__ (GPU)"
 )
+
+# --- plans cached per argument shape ---------------------------------------
+
+# Distinct argument shapes a process keeps plans for, per operation.
+PLAN_CACHE_SIZE = 1024
+_PLAN_CACHES: list[Any] = []
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def plan_cache(fn: F) -> F:
+    """Cache `fn`, a pure function of hashable arguments (shapes, dtypes,
+    options) that checks them and returns a plan. Errors are not cached, so
+    a bad call raises every time. An argument that cannot be hashed (a dim
+    given as an array, say) skips the cache: `fn` then raises its own error
+    or plans as usual."""
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE, typed=True)(fn)
+    _PLAN_CACHES.append(cached)
+
+    @functools.wraps(fn)
+    def lookup(*args: Any) -> Any:
+        try:
+            return cached(*args)
+        except TypeError:
+            return fn(*args)
+
+    lookup.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return lookup  # type: ignore[return-value]
+
+
+def clear_plan_caches() -> None:
+    """Forget every cached plan (after changing a limit in ``_launch``)."""
+    for cached in _PLAN_CACHES:
+        cached.cache_clear()
+
+
+def key(value: Any) -> Any:
+    """A dim or sizes argument as a plan key: a list becomes a tuple; a
+    sequence holding a bool stays a list, which cannot be a key, so that the
+    plan is made afresh and rejects it (as a key, True would equal 1)."""
+    if type(value) is tuple or type(value) is list:
+        if any(isinstance(v, (bool, np.bool_)) for v in value):
+            return list(value)
+        return tuple(value)
+    return value
+
+
+def host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Every CPU array a kernel is to write comes from here (the tests fill
+    them with NaN to prove that each element is written)."""
+    return np.empty(shape, dtype)
 
 
 def _module_of(obj: Any) -> str:
@@ -86,6 +146,101 @@ def device_of(*arrays: Any) -> Device:
             "GPU; move them to one device first"
         )
     return "cuda" if "cuda" in found else "cpu"
+
+
+def cpu_array(obj: Any) -> np.ndarray | None:
+    """`obj` as the NumPy array the CPU kernels read (a NumPy array itself,
+    untouched), or None when it lives on the GPU; a TypeError names what is
+    accepted."""
+    if type(obj) is np.ndarray:
+        return obj
+    if _device_of_one(obj) == "cuda":
+        return None
+    return np.asarray(obj)
+
+
+class Operand:
+    """One array argument, as the kernels of its device read it.
+
+    Holds the kernel-side array (a NumPy array, or a Numba or simulator device
+    array) and, for the GPU, the caller's kind of array, allocator and stream.
+    """
+
+    def __init__(self, x: Any, name: str):
+        self.device = device_of(x)
+        if self.device == "cpu":
+            self.array = np.asarray(x)
+            self.call = None
+        else:
+            self.array, self.call = gpu_operand(x)
+        self.name = name
+        self.dtype = np.dtype(self.array.dtype)
+        self.shape = tuple(self.array.shape)
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any]:
+        """A new array on the operand's device: (native, kernel view)."""
+        if self.call is None:
+            arr = host_empty(shape, dtype)
+            return arr, arr
+        return self.call.empty(shape, dtype)
+
+    def view(self, groups: Sequence[tuple[int, int]], arr: Any = None) -> Any:
+        """`arr` (default: the operand) with each run of dims merged into one;
+        copies only when the strides do not allow a view."""
+        arr = self.array if arr is None else arr
+        shape, strides = tuple(arr.shape), tuple(arr.strides)
+        merged = _layout.merge_strides(shape, strides, groups, self.dtype.itemsize)
+        if merged is None:
+            if self.call is None:
+                arr = np.ascontiguousarray(arr)
+            else:
+                with self.call.on_device():
+                    arr = gpu_contiguous(arr, self.call)
+            merged = _layout.merge_strides(
+                shape, tuple(arr.strides), groups, self.dtype.itemsize
+            )
+        return strided_view(arr, *merged)
+
+    def around(self, dims: Sequence[int]) -> Any:
+        """The operand as an (outer, n, inner) view, n the product of the
+        sorted `dims` (at least one). Dims apart are first moved last (a
+        strided view); a copy happens only where strides cannot merge."""
+        ndim = len(self.shape)
+        if not self.shape:
+            return strided_view(self.array, (1, 1, 1), (0, 0, 0))
+        if _layout.is_consecutive(dims):
+            first, last = dims[0], dims[-1]
+            return self.view([(0, first), (first, last + 1), (last + 1, ndim)])
+        kept = [d for d in range(ndim) if d not in dims]
+        return self.view(
+            [(0, len(kept)), (len(kept), ndim), (ndim, ndim)],
+            self.permuted(kept + list(dims)),
+        )
+
+    def permuted(self, order: Sequence[int]) -> Any:
+        strides = tuple(self.array.strides)
+        return strided_view(
+            self.array,
+            tuple(self.shape[d] for d in order),
+            tuple(strides[d] for d in order),
+        )
+
+
+def check_dtype(dtype: np.dtype, allowed: tuple, what: str, name: str) -> None:
+    """A TypeError naming the argument and the dtypes `what` supports."""
+    if dtype.type not in allowed:
+        names = ", ".join(np.dtype(t).name for t in allowed)
+        raise TypeError(f"{what}: {name} has dtype {dtype}; supported: {names}")
+
+
+def three_d(x: np.ndarray, dims: tuple[int, ...], shape3: tuple[int, int, int]):
+    """A NumPy array as the (outer, n, inner) view around `dims` (sorted; a
+    0-d array has none): a view when the strides allow, else a copy, as
+    ``np.reshape`` decides. Dims that are not consecutive move last first."""
+    if dims and not _layout.is_consecutive(dims):
+        kept = [d for d in range(x.ndim) if d not in dims]
+        x = x.transpose(kept + list(dims))
+    return x.reshape(shape3)
 
 
 # --- the GPU side of a call ------------------------------------------------

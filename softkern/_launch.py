@@ -62,6 +62,29 @@ def check_strategy(reduce: int) -> int:
     return int(reduce)
 
 
+# CPU kernels run on the calling thread when their input is smaller than
+# this: a parallel region costs microseconds to start (waking the pool's
+# threads, handing out work), more than a second core saves on a small
+# input, and on a busy machine a woken thread may wait for a core.
+# Measured with bench/parallel_threshold.py (2-core EPYC, TBB, float32,
+# best times serial/parallel): softmax rows 13/12 us at 64 KiB, 24/18 at
+# 128 KiB; cross_entropy 17/16, 30/22; sum dim=1 13/13 at 128 KiB, 23/20 at
+# 256 KiB; sigmoid 16/14 at 128 KiB. With another process keeping a core
+# busy, parallel never wins by more than noise below 2 MiB, so a limit at
+# the bottom of the idle crossover also keeps loaded calls serial.
+CPU_PARALLEL_MIN_BYTES = 128 * 1024
+# Copies (expand, where) do so little per byte that a parallel region pays
+# from later: where 10/13 us at 256 KiB of output, 18/14 at 512 KiB.
+CPU_COPY_PARALLEL_MIN_BYTES = 512 * 1024
+
+
+def cpu_parallel(nbytes: int, copy: bool = False) -> bool:
+    """Whether a CPU kernel reading `nbytes` of input (a copy: writing
+    `nbytes` of output) runs in parallel."""
+    limit = CPU_COPY_PARALLEL_MIN_BYTES if copy else CPU_PARALLEL_MIN_BYTES
+    return nbytes >= limit
+
+
 @dataclass(frozen=True)
 class FullReducePlan:
     """Reduce `n` elements to one value in two launches.

@@ -19,8 +19,28 @@ from numba import config as numba_config
 from numba import cuda
 
 import softkern  # noqa: F401  (installs the warp emulation in the simulator)
-from softkern import _launch
-from softkern.ops import reduce as ops_reduce
+from softkern import _dispatch, _launch
+
+# Test files whose tests run GPU kernels (simulated without a GPU), or compile
+# them all to PTX: marked so that `-m "not sim and not ptx"` skips them.
+SIM_FILES = {
+    "test_cudasim.py",
+    "test_losses_gpu.py",
+    "test_notebooks.py",  # each notebook ends with its kernels in the simulator
+    "test_reduce_gpu.py",
+    "test_softmax_gpu.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        callspec = getattr(item, "callspec", None)
+        on_gpu = callspec is not None and callspec.params.get("device") == "gpu"
+        if name in SIM_FILES or on_gpu:
+            item.add_marker(pytest.mark.sim)
+        elif name == "test_ptx.py":
+            item.add_marker(pytest.mark.ptx)
 
 
 def pytest_report_header(config):
@@ -49,24 +69,39 @@ def small_grid(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fresh_plans():
+    """Plans are cached per argument shape; tests change the limits in
+    ``_launch`` that plans are made from, so each test starts afresh."""
+    _dispatch.clear_plan_caches()
+    yield
+    _dispatch.clear_plan_caches()
+
+
+def _sentinel(dtype: np.dtype):
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "b":
+        return True  # half the values a test expects are False
+    return np.iinfo(dtype).min + 7
+
+
+@pytest.fixture(autouse=True)
 def nan_filled_outputs(monkeypatch):
     """Every output starts as NaN (or a sentinel integer), so a test that
     compares all elements also proves every element was written."""
-    original = ops_reduce._Operand.empty
+    host_empty = _dispatch.host_empty
+    gpu_empty = _dispatch.GpuCall.empty
 
-    def empty(self, shape, dtype):
-        native, view = original(self, shape, dtype)
+    def filled_host(shape, dtype):
+        arr = host_empty(shape, dtype)
+        arr.fill(_sentinel(np.dtype(dtype)))
+        return arr
+
+    def filled_gpu(self, shape, dtype):
+        native, view = gpu_empty(self, shape, dtype)
         dtype = np.dtype(dtype)
-        if dtype.kind == "f":
-            fill = np.nan
-        elif dtype.kind == "b":
-            fill = True  # half the values a test expects are False
-        else:
-            fill = np.iinfo(dtype).min + 7
-        if isinstance(view, np.ndarray):
-            view.fill(fill)
-        else:
-            view.copy_to_device(np.full(view.shape, fill, dtype))
+        view.copy_to_device(np.full(view.shape, _sentinel(dtype), dtype))
         return native, view
 
-    monkeypatch.setattr(ops_reduce._Operand, "empty", empty)
+    monkeypatch.setattr(_dispatch, "host_empty", filled_host)
+    monkeypatch.setattr(_dispatch.GpuCall, "empty", filled_gpu)

@@ -26,3 +26,21 @@ def test_main_runs_and_reports(tmp_path):
         assert any(line.split()[:1] == [strategy] for line in text.splitlines())
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         assert "simulator" in text and "gpu: sum(x)" in text
+
+
+def test_warmup_compiles_into_the_cache_and_reports(tmp_path):
+    # After the first run (CI's README command), this one finds every kernel
+    # in Numba's cache; either way it must finish and say where the cache is.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "softkern", "warmup", "--jobs", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "softkern warmup:" in out.stdout and "calls" in out.stdout
+    assert "Numba cache:" in out.stdout and "threading layer:" in out.stdout
+    assert "100%" in out.stderr  # tqdm's bar went all the way

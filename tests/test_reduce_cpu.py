@@ -142,6 +142,12 @@ def test_empty_arrays():
         sk.amax(np.empty((3, 0)), 1)
     with pytest.raises(IndexError, match="size 0"):
         sk.amin(np.empty(0))
+    # dims apart, one of them empty: rows of no elements, as torch.sum
+    np.testing.assert_array_equal(sk.sum(np.empty((0, 3, 4)), (0, 2)), np.zeros(3))
+    assert sk.sum(np.empty((2, 0, 3)), (0, 2)).shape == (0,)
+    np.testing.assert_array_equal(
+        sk.logsumexp(np.empty((0, 3, 4)), (0, 2)), np.full(3, -np.inf)
+    )
 
 
 def test_zero_dim_arrays():
@@ -232,14 +238,22 @@ def test_strategies_differ_only_in_order(rng):
 
 
 @pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 17])
-def test_cpu_stage_keeps_each_threads_order(rng, rows):
+@pytest.mark.parametrize(
+    ("grid", "block", "parallel"),
+    [
+        (8, 32, False),  # one accumulator tile, on the calling thread
+        (512, 128, True),  # 65536 accumulators: two tiles in parallel
+    ],
+)
+def test_cpu_stage_keeps_each_threads_order(rng, rows, grid, block, parallel):
     # A NumPy model of stage 1 with reduce=1: accumulator t adds x[t + k*S]
     # for k = 0, 1, ... in order (elementwise float32 adds are exact IEEE
     # operations), then each block halves. Every partial must match bit for
     # bit, so an unrolled CPU loop that reorders a single add is caught.
-    from softkern.cpu.reduce import full_stage
+    # rows=0 folds the blocks straight from x; the others stream x through
+    # the accumulators.
+    from softkern.cpu.reduce import SUM, full_stage
 
-    grid, block = 8, 32
     stride = grid * block
     x = rng.standard_normal(rows * stride + 7).astype(np.float32)
     acc = np.zeros(stride, np.float32)
@@ -251,5 +265,5 @@ def test_cpu_stage_keeps_each_threads_order(rng, rows):
     while s:
         parts[:, :s] += parts[:, s : 2 * s]
         s //= 2
-    got = full_stage("sum")(x, grid, block, 1, np.float32(0))
+    got = full_stage(SUM, x, grid, block, 1, np.float32(0), parallel)
     assert got.tobytes() == parts[:, 0].tobytes()

@@ -18,8 +18,11 @@ per row (weights, smoothing and the reduction's scale folded in), minus the
 target's one-hot term.
 
 Per-position losses and weights come back in float64 arrays of the batch's
-size (O(N) memory); ops/losses.py reduces them. Targets were checked before
-the kernels run (``ops.losses``), so the kernels index with them freely.
+size (O(N) memory), and each forward kernel returns their sums, so the host
+reduces without another pass. The kernels check every class index before
+they read x with it: a bad one is reported (``totals``: its position, which
+the host turns into an IndexError), never used. Every kernel takes
+``parallel``: False runs it on the calling thread.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from softkern.cpu import parallel_kernel
 from softkern.cpu.fma import maxnum
 from softkern.cpu.softmax import (
     FASTMATH,
@@ -127,102 +131,197 @@ def grad_of(grads, i):
     return grads[i] if grads.size > 1 else grads[0]
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def index_rows(x, target, weight, ignore_index, smoothing, losses, weights, lowest):
-    """Loss of each row with a class-index target into losses[r] and the
-    target's weight into weights[r] (both 0 for an ignored row)."""
-    count, n = x.shape
-    weight_sum = total_of(weight)
-    chunks = min(count, ROW_CHUNKS)
-    for chunk in prange(chunks):
-        for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
-            t = target[r]
-            if t == ignore_index:
-                losses[r] = 0.0
-                weights[r] = 0.0
-                continue
-            top, rest = row_stats(x, r, lowest)
-            shift = log_sum(top, rest)
-            w_t = np.float64(weight[t])
-            loss = w_t * ((top - as_acc(x[r, t], lowest)) + shift)
-            if smoothing > 0:
-                spread = 0.0
-                for j in range(n):
-                    spread += weight[j] * (top - as_acc(x[r, j], lowest))
-                uniform = weight_sum * shift + spread
-                loss = (1.0 - smoothing) * loss + smoothing / n * uniform
-            losses[r] = loss
-            weights[r] = w_t
+@njit(inline="always", cache=True)
+def is_bad(t, ignore_index, n):
+    """A class index that is neither a class nor ignore_index."""
+    return t != ignore_index and (t < 0 or t >= n)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def probs_rows(x, q, weight, smoothing, losses, lowest):
-    """Loss of each row with a class-probability target row q[r]:
-    sum_j u_j (lse - x_j), u_j = weight[j] * smoothed(q[r, j])."""
-    count, n = x.shape
-    for r in prange(count):
-        top, rest = row_stats(x, r, lowest)
-        shift = log_sum(top, rest)
-        mass = 0.0
+@njit(inline="always", cache=True)
+def totals(losses, weights, target, ignore_index, n):
+    """(sum of losses, sum of weights, first position whose target is no
+    class or -1), in position order, over C-contiguous arrays of one size."""
+    loss, weight = 0.0, 0.0
+    for i in range(losses.size):
+        if is_bad(target.flat[i], ignore_index, n):
+            return np.nan, np.nan, i
+        loss += losses.flat[i]
+        weight += weights.flat[i]
+    return loss, weight, -1
+
+
+@njit(inline="always", cache=True)
+def index_row(x, target, weight, weight_sum, ignore_index, smoothing, r, lowest):
+    """(loss, weight) of row r with a class-index target (0, 0 if ignored
+    or, never read, if the target is no class)."""
+    n = x.shape[1]
+    t = target[r]
+    if t == ignore_index or is_bad(t, ignore_index, n):
+        return 0.0, 0.0
+    top, rest = row_stats(x, r, lowest)
+    shift = log_sum(top, rest)
+    w_t = np.float64(weight[t])
+    loss = w_t * ((top - as_acc(x[r, t], lowest)) + shift)
+    if smoothing > 0:
         spread = 0.0
         for j in range(n):
-            u = weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
-            mass += u
-            spread += u * (top - as_acc(x[r, j], lowest))
-        losses[r] = mass * shift + spread
+            spread += weight[j] * (top - as_acc(x[r, j], lowest))
+        uniform = weight_sum * shift + spread
+        loss = (1.0 - smoothing) * loss + smoothing / n * uniform
+    return loss, w_t
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def index_rows_backward(
-    x, target, weight, ignore_index, smoothing, grads, scale, out, lowest
+@parallel_kernel(fastmath=FASTMATH)
+def index_rows(
+    x, target, weight, ignore_index, smoothing, losses, weights, lowest, parallel
 ):
-    """d loss / d x of each row: g (p_j ((1 - eps) w_t + eps/C sum w)
-    - eps/C w_j - (1 - eps) w_t [j == t]), g = grads[r] * scale."""
-    count, n = x.shape
+    """Loss of each row with a class-index target into losses[r] and the
+    target's weight into weights[r] (both 0 for an ignored row); returns
+    ``totals``."""
+    count = x.shape[0]
     weight_sum = total_of(weight)
+    if not parallel:
+        for r in range(count):
+            losses[r], weights[r] = index_row(
+                x, target, weight, weight_sum, ignore_index, smoothing, r, lowest
+            )
+        return totals(losses, weights, target, ignore_index, x.shape[1])
     chunks = min(count, ROW_CHUNKS)
     for chunk in prange(chunks):
         for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
-            t = target[r]
-            if t == ignore_index:
-                for j in range(n):
-                    out[r, j] = 0
-                continue
-            g = grad_of(grads, r) * scale
-            top, rest = row_stats(x, r, lowest)
-            total = exp_sum(top, rest)
-            w_t = np.float64(weight[t])
-            a = as_acc(
-                g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / total,
-                lowest,
+            losses[r], weights[r] = index_row(
+                x, target, weight, weight_sum, ignore_index, smoothing, r, lowest
             )
-            if smoothing > 0:
-                b = as_acc(g * smoothing / n, lowest)
-                for j in range(n):
-                    out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - b * weight[j]
-            else:
-                for j in range(n):
-                    out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a
-            out[r, t] -= as_acc(g * (1.0 - smoothing) * w_t, lowest)
+    return totals(losses, weights, target, ignore_index, x.shape[1])
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def probs_rows_backward(x, q, weight, smoothing, grads, scale, out, lowest):
-    """d loss / d x of each row: g (p_j sum_c u_c - u_j)."""
-    count, n = x.shape
+@njit(inline="always", cache=True)
+def probs_row(x, q, weight, smoothing, r, lowest):
+    """Loss of row r with a class-probability target row q[r]:
+    sum_j u_j (lse - x_j), u_j = weight[j] * smoothed(q[r, j])."""
+    n = x.shape[1]
+    top, rest = row_stats(x, r, lowest)
+    shift = log_sum(top, rest)
+    mass = 0.0
+    spread = 0.0
+    for j in range(n):
+        u = weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
+        mass += u
+        spread += u * (top - as_acc(x[r, j], lowest))
+    return mass * shift + spread
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def probs_rows(x, q, weight, smoothing, losses, lowest, parallel):
+    """``probs_row`` of every row into losses; returns their sum."""
+    count = x.shape[0]
+    if not parallel:
+        for r in range(count):
+            losses[r] = probs_row(x, q, weight, smoothing, r, lowest)
+    else:
+        for r in prange(count):
+            losses[r] = probs_row(x, q, weight, smoothing, r, lowest)
+    total = 0.0
+    for r in range(count):
+        total += losses[r]
+    return total
+
+
+@njit(cache=True)
+def target_weight(target, weight, ignore_index):
+    """(sum of the counted targets' weights, first position whose target is
+    no class or -1), over C-contiguous targets and weight.size classes: the
+    check before a backward pass, and the denominator of its "mean"."""
+    total = 0.0
+    for i in range(target.size):
+        t = target.flat[i]
+        if t == ignore_index:
+            continue
+        if is_bad(t, ignore_index, weight.size):
+            return np.nan, i
+        total += weight[t]
+    return total, -1
+
+
+@njit(inline="always", cache=True)
+def index_row_backward(
+    x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, out, r, lowest
+):
+    """d loss / d x of row r: g (p_j ((1 - eps) w_t + eps/C sum w)
+    - eps/C w_j - (1 - eps) w_t [j == t]), g = grads[r] * scale."""
+    n = x.shape[1]
+    t = target[r]
+    if t == ignore_index or is_bad(t, ignore_index, n):
+        for j in range(n):
+            out[r, j] = 0
+        return
+    g = grad_of(grads, r) * scale
+    top, rest = row_stats(x, r, lowest)
+    total = exp_sum(top, rest)
+    w_t = np.float64(weight[t])
+    a = as_acc(
+        g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / total,
+        lowest,
+    )
+    if smoothing > 0:
+        b = as_acc(g * smoothing / n, lowest)
+        for j in range(n):
+            out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - b * weight[j]
+    else:
+        for j in range(n):
+            out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a
+    out[r, t] -= as_acc(g * (1.0 - smoothing) * w_t, lowest)
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def index_rows_backward(
+    x, target, weight, ignore_index, smoothing, grads, scale, out, lowest, parallel
+):
+    """``index_row_backward`` of every row. The host checked the targets
+    (``target_weight``) first; a bad one gets a zero row here."""
+    count = x.shape[0]
+    weight_sum = total_of(weight)
+    if not parallel:
+        for r in range(count):
+            index_row_backward(
+                x, target, weight, weight_sum, ignore_index, smoothing,
+                grads, scale, out, r, lowest,
+            )  # fmt: skip
+        return
+    chunks = min(count, ROW_CHUNKS)
+    for chunk in prange(chunks):
+        for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
+            index_row_backward(
+                x, target, weight, weight_sum, ignore_index, smoothing,
+                grads, scale, out, r, lowest,
+            )  # fmt: skip
+
+
+@njit(inline="always", cache=True)
+def probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest):
+    """d loss / d x of row r: g (p_j sum_c u_c - u_j)."""
+    n = x.shape[1]
+    g = grad_of(grads, r) * scale
+    top, rest = row_stats(x, r, lowest)
+    total = exp_sum(top, rest)
+    mass = 0.0
+    for j in range(n):
+        mass += weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
+    a = as_acc(g * mass / total, lowest)
+    for j in range(n):
+        u = as_acc(g * weight[j] * smoothed(np.float64(q[r, j]), smoothing, n), lowest)
+        out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - u
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def probs_rows_backward(x, q, weight, smoothing, grads, scale, out, lowest, parallel):
+    count = x.shape[0]
+    if not parallel:
+        for r in range(count):
+            probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest)
+        return
     for r in prange(count):
-        g = grad_of(grads, r) * scale
-        top, rest = row_stats(x, r, lowest)
-        total = exp_sum(top, rest)
-        mass = 0.0
-        for j in range(n):
-            mass += weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
-        a = as_acc(g * mass / total, lowest)
-        for j in range(n):
-            u = as_acc(
-                g * weight[j] * smoothed(np.float64(q[r, j]), smoothing, n), lowest
-            )
-            out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - u
+        probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest)
 
 
 @njit(inline="always", cache=True)
@@ -244,138 +343,226 @@ def strip_stats(x, o, c0, width, lowest):
     return top, rest
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def index_columns(
-    x, target, weight, ignore_index, smoothing, strip, losses, weights, lowest
-):
-    """``index_rows`` for (outer, C, inner) inputs and (outer, inner) targets."""
-    outer, n, inner = x.shape
-    weight_sum = total_of(weight)
-    strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        top, rest = strip_stats(x, o, c0, width, lowest)
-        spread = np.zeros(width, dtype=np.float64)
+@njit(inline="always", cache=True)
+def index_strip(
+    x, target, weight, weight_sum, ignore_index, smoothing, item, strips, strip,
+    losses, weights, lowest,
+):  # fmt: skip
+    """``index_row`` for the positions of one strip of (outer, C, inner)."""
+    n, inner = x.shape[1], x.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    top, rest = strip_stats(x, o, c0, width, lowest)
+    spread = np.zeros(width, dtype=np.float64)
+    if smoothing > 0:
+        for i in range(n):
+            xr = x[o, i, c0 : c0 + width]
+            for c in range(width):
+                spread[c] += weight[i] * (top[c] - as_acc(xr[c], lowest))
+    for c in range(width):
+        t = target[o, c0 + c]
+        if t == ignore_index or is_bad(t, ignore_index, n):
+            losses[o, c0 + c] = 0.0
+            weights[o, c0 + c] = 0.0
+            continue
+        w_t = np.float64(weight[t])
+        shift = log_sum(top[c], rest[c])
+        loss = w_t * ((top[c] - as_acc(x[o, t, c0 + c], lowest)) + shift)
         if smoothing > 0:
-            for i in range(n):
-                xr = x[o, i, c0 : c0 + width]
-                for c in range(width):
-                    spread[c] += weight[i] * (top[c] - as_acc(xr[c], lowest))
-        for c in range(width):
-            t = target[o, c0 + c]
-            if t == ignore_index:
-                losses[o, c0 + c] = 0.0
-                weights[o, c0 + c] = 0.0
-                continue
-            w_t = np.float64(weight[t])
-            shift = log_sum(top[c], rest[c])
-            loss = w_t * ((top[c] - as_acc(x[o, t, c0 + c], lowest)) + shift)
-            if smoothing > 0:
-                uniform = weight_sum * shift + spread[c]
-                loss = (1.0 - smoothing) * loss + smoothing / n * uniform
-            losses[o, c0 + c] = loss
-            weights[o, c0 + c] = w_t
+            uniform = weight_sum * shift + spread[c]
+            loss = (1.0 - smoothing) * loss + smoothing / n * uniform
+        losses[o, c0 + c] = loss
+        weights[o, c0 + c] = w_t
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def probs_columns(x, q, weight, smoothing, strip, losses, lowest):
-    """``probs_rows`` for (outer, C, inner) inputs and targets."""
-    outer, n, inner = x.shape
-    strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        top, rest = strip_stats(x, o, c0, width, lowest)
-        mass = np.zeros(width, dtype=np.float64)
-        spread = np.zeros(width, dtype=np.float64)
-        for i in range(n):
-            xr = x[o, i, c0 : c0 + width]
-            qr = q[o, i, c0 : c0 + width]
-            for c in range(width):
-                u = weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
-                mass[c] += u
-                spread[c] += u * (top[c] - as_acc(xr[c], lowest))
-        for c in range(width):
-            losses[o, c0 + c] = mass[c] * log_sum(top[c], rest[c]) + spread[c]
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def index_columns_backward(
-    x, target, weight, ignore_index, smoothing, grads, scale, strip, out, lowest
-):
-    """``index_rows_backward`` for (outer, C, inner) inputs."""
-    outer, n, inner = x.shape
+@parallel_kernel(fastmath=FASTMATH)
+def index_columns(
+    x, target, weight, ignore_index, smoothing, strip, losses, weights, lowest,
+    parallel,
+):  # fmt: skip
+    """``index_rows`` for (outer, C, inner) inputs and (outer, inner) targets."""
+    outer, inner = x.shape[0], x.shape[2]
     weight_sum = total_of(weight)
     strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        top, rest = strip_stats(x, o, c0, width, lowest)
-        # Per column: the softmax's factor a, the uniform term's factor b and
-        # the one-hot's size d at class t (an ignored column: all zero, and
-        # t = -1 matches no class).
-        a = np.zeros(width, dtype=top.dtype)
-        b = np.zeros(width, dtype=top.dtype)
-        d = np.zeros(width, dtype=top.dtype)
-        t = np.full(width, -1, dtype=np.int64)
+    if not parallel:
+        for item in range(outer * strips):
+            index_strip(
+                x, target, weight, weight_sum, ignore_index, smoothing, item,
+                strips, strip, losses, weights, lowest,
+            )  # fmt: skip
+    else:
+        for item in prange(outer * strips):
+            index_strip(
+                x, target, weight, weight_sum, ignore_index, smoothing, item,
+                strips, strip, losses, weights, lowest,
+            )  # fmt: skip
+    return totals(losses, weights, target, ignore_index, x.shape[1])
+
+
+@njit(inline="always", cache=True)
+def probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest):
+    """``probs_row`` for the positions of one strip of (outer, C, inner)."""
+    n, inner = x.shape[1], x.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    top, rest = strip_stats(x, o, c0, width, lowest)
+    mass = np.zeros(width, dtype=np.float64)
+    spread = np.zeros(width, dtype=np.float64)
+    for i in range(n):
+        xr = x[o, i, c0 : c0 + width]
+        qr = q[o, i, c0 : c0 + width]
         for c in range(width):
-            tc = target[o, c0 + c]
-            if tc == ignore_index:
-                continue
-            g = grad_of(grads, o * inner + c0 + c) * scale
-            w_t = np.float64(weight[tc])
-            uniform = smoothing / n * weight_sum
-            total = exp_sum(top[c], rest[c])
-            a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform) / total, lowest)
-            b[c] = as_acc(g * smoothing / n, lowest)
-            d[c] = as_acc(g * (1.0 - smoothing) * w_t, lowest)
-            t[c] = tc
-        for i in range(n):
-            xr = x[o, i, c0 : c0 + width]
-            orow = out[o, i, c0 : c0 + width]
-            w = weight[i]
-            for c in range(width):
-                hit = d[c] if t[c] == i else as_acc(0, lowest)
-                orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - b[c] * w - hit
+            u = weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
+            mass[c] += u
+            spread[c] += u * (top[c] - as_acc(xr[c], lowest))
+    for c in range(width):
+        losses[o, c0 + c] = mass[c] * log_sum(top[c], rest[c]) + spread[c]
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def probs_columns_backward(x, q, weight, smoothing, grads, scale, strip, out, lowest):
-    """``probs_rows_backward`` for (outer, C, inner) inputs."""
-    outer, n, inner = x.shape
+@parallel_kernel(fastmath=FASTMATH)
+def probs_columns(x, q, weight, smoothing, strip, losses, lowest, parallel):
+    """``probs_rows`` for (outer, C, inner) inputs and targets."""
+    outer, inner = x.shape[0], x.shape[2]
     strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        top, rest = strip_stats(x, o, c0, width, lowest)
-        mass = np.zeros(width, dtype=np.float64)
-        for i in range(n):
-            qr = q[o, i, c0 : c0 + width]
-            for c in range(width):
-                mass[c] += weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
-        a = np.zeros(width, dtype=top.dtype)
-        g = np.zeros(width, dtype=np.float64)
+    if not parallel:
+        for item in range(outer * strips):
+            probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest)
+    else:
+        for item in prange(outer * strips):
+            probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest)
+    total = 0.0
+    for i in range(losses.size):
+        total += losses.flat[i]
+    return total
+
+
+@njit(inline="always", cache=True)
+def index_strip_backward(
+    x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, item,
+    strips, strip, out, lowest,
+):  # fmt: skip
+    """``index_row_backward`` for one strip of (outer, C, inner)."""
+    n, inner = x.shape[1], x.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    top, rest = strip_stats(x, o, c0, width, lowest)
+    # Per column: the softmax's factor a, the uniform term's factor b and
+    # the one-hot's size d at class t (an ignored column: all zero, and
+    # t = -1 matches no class).
+    a = np.zeros(width, dtype=top.dtype)
+    b = np.zeros(width, dtype=top.dtype)
+    d = np.zeros(width, dtype=top.dtype)
+    t = np.full(width, -1, dtype=np.int64)
+    for c in range(width):
+        tc = target[o, c0 + c]
+        if tc == ignore_index or is_bad(tc, ignore_index, n):
+            continue
+        g = grad_of(grads, o * inner + c0 + c) * scale
+        w_t = np.float64(weight[tc])
+        uniform = smoothing / n * weight_sum
+        total = exp_sum(top[c], rest[c])
+        a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform) / total, lowest)
+        b[c] = as_acc(g * smoothing / n, lowest)
+        d[c] = as_acc(g * (1.0 - smoothing) * w_t, lowest)
+        t[c] = tc
+    for i in range(n):
+        xr = x[o, i, c0 : c0 + width]
+        orow = out[o, i, c0 : c0 + width]
+        w = weight[i]
         for c in range(width):
-            g[c] = grad_of(grads, o * inner + c0 + c) * scale
-            a[c] = as_acc(g[c] * mass[c] / exp_sum(top[c], rest[c]), lowest)
-        for i in range(n):
-            xr = x[o, i, c0 : c0 + width]
-            qr = q[o, i, c0 : c0 + width]
-            orow = out[o, i, c0 : c0 + width]
-            for c in range(width):
-                u = g[c] * weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
-                orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - as_acc(u, lowest)
+            hit = d[c] if t[c] == i else as_acc(0, lowest)
+            orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - b[c] * w - hit
 
 
-@njit(parallel=True, cache=True)
-def nll(x, target, weight, ignore_index, losses, weights):
+@parallel_kernel(fastmath=FASTMATH)
+def index_columns_backward(
+    x, target, weight, ignore_index, smoothing, grads, scale, strip, out, lowest,
+    parallel,
+):  # fmt: skip
+    """``index_rows_backward`` for (outer, C, inner) inputs."""
+    outer, inner = x.shape[0], x.shape[2]
+    weight_sum = total_of(weight)
+    strips = (inner + strip - 1) // strip
+    if not parallel:
+        for item in range(outer * strips):
+            index_strip_backward(
+                x, target, weight, weight_sum, ignore_index, smoothing, grads,
+                scale, item, strips, strip, out, lowest,
+            )  # fmt: skip
+        return
+    for item in prange(outer * strips):
+        index_strip_backward(
+            x, target, weight, weight_sum, ignore_index, smoothing, grads,
+            scale, item, strips, strip, out, lowest,
+        )  # fmt: skip
+
+
+@njit(inline="always", cache=True)
+def probs_strip_backward(
+    x, q, weight, smoothing, grads, scale, item, strips, strip, out, lowest
+):
+    """``probs_row_backward`` for one strip of (outer, C, inner)."""
+    n, inner = x.shape[1], x.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    top, rest = strip_stats(x, o, c0, width, lowest)
+    mass = np.zeros(width, dtype=np.float64)
+    for i in range(n):
+        qr = q[o, i, c0 : c0 + width]
+        for c in range(width):
+            mass[c] += weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
+    a = np.zeros(width, dtype=top.dtype)
+    g = np.zeros(width, dtype=np.float64)
+    for c in range(width):
+        g[c] = grad_of(grads, o * inner + c0 + c) * scale
+        a[c] = as_acc(g[c] * mass[c] / exp_sum(top[c], rest[c]), lowest)
+    for i in range(n):
+        xr = x[o, i, c0 : c0 + width]
+        qr = q[o, i, c0 : c0 + width]
+        orow = out[o, i, c0 : c0 + width]
+        for c in range(width):
+            u = g[c] * weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
+            orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - as_acc(u, lowest)
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def probs_columns_backward(
+    x, q, weight, smoothing, grads, scale, strip, out, lowest, parallel
+):
+    """``probs_rows_backward`` for (outer, C, inner) inputs."""
+    outer, inner = x.shape[0], x.shape[2]
+    strips = (inner + strip - 1) // strip
+    if not parallel:
+        for item in range(outer * strips):
+            probs_strip_backward(
+                x, q, weight, smoothing, grads, scale, item, strips, strip, out, lowest
+            )
+        return
+    for item in prange(outer * strips):
+        probs_strip_backward(
+            x, q, weight, smoothing, grads, scale, item, strips, strip, out, lowest
+        )
+
+
+@njit(inline="always", cache=True)
+def nll_slab(x, target, weight, ignore_index, losses, weights, o):
+    n, inner = x.shape[1], x.shape[2]
+    for c in range(inner):
+        t = target[o, c]
+        if t == ignore_index or is_bad(t, ignore_index, n):
+            losses[o, c] = 0.0
+            weights[o, c] = 0.0
+        else:
+            w_t = np.float64(weight[t])
+            losses[o, c] = -w_t * x[o, t, c]
+            weights[o, c] = w_t
+
+
+@parallel_kernel()
+def nll(x, target, weight, ignore_index, losses, weights, parallel):
     """-weight[t] * x[o, t, c] for every position (o, c) of (outer, C, inner)
-    log-probabilities and (outer, inner) targets."""
-    outer, _, inner = x.shape
-    for o in prange(outer):
-        for c in range(inner):
-            t = target[o, c]
-            if t == ignore_index:
-                losses[o, c] = 0.0
-                weights[o, c] = 0.0
-            else:
-                w_t = np.float64(weight[t])
-                losses[o, c] = -w_t * x[o, t, c]
-                weights[o, c] = w_t
+    log-probabilities and (outer, inner) targets; returns ``totals``."""
+    outer = x.shape[0]
+    if not parallel:
+        for o in range(outer):
+            nll_slab(x, target, weight, ignore_index, losses, weights, o)
+    else:
+        for o in prange(outer):
+            nll_slab(x, target, weight, ignore_index, losses, weights, o)
+    return totals(losses, weights, target, ignore_index, x.shape[1])

@@ -16,6 +16,12 @@ is ``simd_exp.exp32``/``exp64``, and the sum may reassociate (fastmath
 Sums of float32 accumulate in float64: the relative error of the sum stays
 near 1e-7 for rows of any length.
 
+Every kernel takes the accumulator type from its `lowest` argument (-inf of
+that type) and ``parallel``: False runs the same loops on the calling thread
+(``softkern._launch.cpu_parallel`` decides from the input's size). They are
+module-level functions, not closures, so Numba's on-disk cache finds them in
+every process.
+
 Memory: the output, plus per strip a few rows of `strip` numbers; nothing of
 the input's size (except for float16, which Numba cannot compute with on the
 CPU: its input is widened to a float32 copy, and its result computed in
@@ -24,14 +30,13 @@ float32 before it is rounded).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from softkern.cpu import parallel_kernel
 from softkern.cpu.fma import maxnum
-from softkern.cpu.simd_exp import exp32, exp64
+from softkern.cpu.simd_exp import exp32, exp64, log1p_unit32, log1p_unit64
 
 # Only reassociation: no assumptions about NaN or inf (they must propagate),
 # and the exp's own arithmetic keeps its exact rounding (it is compiled apart).
@@ -82,6 +87,19 @@ def _exp(x):
     return None
 
 
+def log1p_unit(e):
+    """The vectorisable log1p of ``simd_exp`` for e in [0, 1]."""
+
+
+@overload(log1p_unit, inline="always")
+def _log1p_unit(e):
+    if e == types.float32:
+        return lambda e: log1p_unit32(e)
+    if e == types.float64:
+        return lambda e: log1p_unit64(e)
+    return None
+
+
 @njit(inline="always", cache=True)
 def row_max(x, r, lowest):
     top = lowest
@@ -112,9 +130,13 @@ def row(x, out, r, n, log, lowest):
             out[r, j] *= scale
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def rows(x, out, log, lowest):
+@parallel_kernel(fastmath=FASTMATH)
+def rows(x, out, log, lowest, parallel):
     count, n = x.shape
+    if not parallel:
+        for r in range(count):
+            row(x, out, r, n, log, lowest)
+        return
     chunks = min(count, ROW_CHUNKS)
     for chunk in prange(chunks):
         for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
@@ -132,157 +154,175 @@ def strip_max(x, o, c0, width, lowest):
     return top
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def columns(x, out, strip, log, lowest):
-    outer, n, inner = x.shape
-    strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        top = strip_max(x, o, c0, width, lowest)
-        total = np.zeros(width, dtype=np.float64)
-        if log:
-            for i in range(n):
-                xr = x[o, i, c0 : c0 + width]
-                for c in range(width):
-                    total[c] += exp(as_acc(xr[c], lowest) - top[c])
-            shift = np.full(width, lowest)
-            for c in range(width):
-                shift[c] = as_acc(np.log(total[c]), lowest)
-            for i in range(n):
-                xr = x[o, i, c0 : c0 + width]
-                orow = out[o, i, c0 : c0 + width]
-                for c in range(width):
-                    orow[c] = (as_acc(xr[c], lowest) - top[c]) - shift[c]
-        else:
-            for i in range(n):
-                xr = x[o, i, c0 : c0 + width]
-                orow = out[o, i, c0 : c0 + width]
-                for c in range(width):
-                    orow[c] = exp(as_acc(xr[c], lowest) - top[c])
-                # A loop of its own: the float64 sums vectorise better
-                # apart from the exp (measured 10-20% faster overall).
-                for c in range(width):
-                    total[c] += orow[c]
-            scale = np.full(width, lowest)
-            for c in range(width):
-                scale[c] = as_acc(1.0 / total[c], lowest)
-            for i in range(n):
-                orow = out[o, i, c0 : c0 + width]
-                for c in range(width):
-                    orow[c] *= scale[c]
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def rows_backward(g, y, out, log, lowest):
-    count, n = g.shape
-    for r in prange(count):
-        total = 0.0  # float64
-        if log:
-            for j in range(n):
-                total += as_acc(g[r, j], lowest)
-            s = as_acc(total, lowest)
-            for j in range(n):
-                out[r, j] = as_acc(g[r, j], lowest) - exp(as_acc(y[r, j], lowest)) * s
-        else:
-            for j in range(n):
-                total += as_acc(g[r, j], lowest) * as_acc(y[r, j], lowest)
-            s = as_acc(total, lowest)
-            for j in range(n):
-                out[r, j] = as_acc(y[r, j], lowest) * (as_acc(g[r, j], lowest) - s)
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def columns_backward(g, y, out, strip, log, lowest):
-    outer, n, inner = g.shape
-    strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        wide = np.zeros(width, dtype=np.float64)
-        for i in range(n):
-            gr = g[o, i, c0 : c0 + width]
-            yr = y[o, i, c0 : c0 + width]
-            if log:
-                for c in range(width):
-                    wide[c] += as_acc(gr[c], lowest)
-            else:
-                for c in range(width):
-                    wide[c] += as_acc(gr[c], lowest) * as_acc(yr[c], lowest)
-        total = as_acc_array(wide, lowest)
-        for i in range(n):
-            gr = g[o, i, c0 : c0 + width]
-            yr = y[o, i, c0 : c0 + width]
-            orow = out[o, i, c0 : c0 + width]
-            if log:
-                for c in range(width):
-                    orow[c] = (
-                        as_acc(gr[c], lowest) - exp(as_acc(yr[c], lowest)) * total[c]
-                    )
-            else:
-                for c in range(width):
-                    orow[c] = as_acc(yr[c], lowest) * (as_acc(gr[c], lowest) - total[c])
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def logsumexp_rows(x, out, lowest):
-    count, n = x.shape
-    for r in prange(count):
-        shift = row_max(x, r, lowest)
-        if np.isinf(shift):
-            shift = as_acc(0, lowest)
-        total = 0.0  # float64
-        for j in range(n):
-            total += exp(as_acc(x[r, j], lowest) - shift)
-        out[r] = as_acc(np.log(total), lowest) + shift
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def logsumexp_columns(x, out, strip, lowest):
-    """log(sum(exp(x))) over the middle axis into out[o, c], shifted by
-    the max as PyTorch does (by 0 when the max is infinite, so that
-    +inf gives inf and all -inf gives -inf)."""
-    outer, n, inner = x.shape
-    strips = (inner + strip - 1) // strip
-    for item in prange(outer * strips):
-        o, c0, width = strip_of(item, strips, strip, inner)
-        shift = strip_max(x, o, c0, width, lowest)
-        total = np.zeros(width, dtype=np.float64)
-        for c in range(width):
-            if np.isinf(shift[c]):
-                shift[c] = 0
+@njit(inline="always", cache=True)
+def column_strip(x, out, item, strips, strip, log, lowest):
+    """Softmax of the columns of work item `item`'s strip: three sweeps
+    down the strip (max, exponentials and their sums, scaling)."""
+    n, inner = x.shape[1], x.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    top = strip_max(x, o, c0, width, lowest)
+    total = np.zeros(width, dtype=np.float64)
+    if log:
         for i in range(n):
             xr = x[o, i, c0 : c0 + width]
             for c in range(width):
-                total[c] += exp(as_acc(xr[c], lowest) - shift[c])
+                total[c] += exp(as_acc(xr[c], lowest) - top[c])
+        shift = np.full(width, lowest)
         for c in range(width):
-            out[o, c0 + c] = as_acc(np.log(total[c]), lowest) + shift[c]
+            shift[c] = as_acc(np.log(total[c]), lowest)
+        for i in range(n):
+            xr = x[o, i, c0 : c0 + width]
+            orow = out[o, i, c0 : c0 + width]
+            for c in range(width):
+                orow[c] = (as_acc(xr[c], lowest) - top[c]) - shift[c]
+    else:
+        for i in range(n):
+            xr = x[o, i, c0 : c0 + width]
+            orow = out[o, i, c0 : c0 + width]
+            for c in range(width):
+                orow[c] = exp(as_acc(xr[c], lowest) - top[c])
+            # A loop of its own: the float64 sums vectorise better
+            # apart from the exp (measured 10-20% faster overall).
+            for c in range(width):
+                total[c] += orow[c]
+        scale = np.full(width, lowest)
+        for c in range(width):
+            scale[c] = as_acc(1.0 / total[c], lowest)
+        for i in range(n):
+            orow = out[o, i, c0 : c0 + width]
+            for c in range(width):
+                orow[c] *= scale[c]
 
 
-@functools.cache
-def kernels(acc_name: str) -> dict:
-    """The CPU kernels computing in float32 or float64 (`acc_name`), as a dict:
-    ``rows(x, out, log)`` over a (rows, n) view, ``columns(x, out, strip,
-    log)`` over an (outer, n, inner) view, ``rows_backward(g, y, out, log)``,
-    ``columns_backward(g, y, out, strip, log)``, ``logsumexp_rows(x, out)``
-    and ``logsumexp_columns(x, out, strip)``. Inputs may have any real dtype
-    and any strides; they are converted to the accumulator type on load.
-    Outputs are C-contiguous.
+@parallel_kernel(fastmath=FASTMATH)
+def columns(x, out, strip, log, lowest, parallel):
+    outer, inner = x.shape[0], x.shape[2]
+    strips = (inner + strip - 1) // strip
+    if not parallel:
+        for item in range(outer * strips):
+            column_strip(x, out, item, strips, strip, log, lowest)
+        return
+    for item in prange(outer * strips):
+        column_strip(x, out, item, strips, strip, log, lowest)
 
-    The kernels themselves are module-level functions that take the
-    accumulator type from their last argument (-inf of that type), not
-    closures: Numba's cache keys a closure by its cell contents, which hold
-    dispatchers that pickle differently in every process, so closures were
-    recompiled (seconds each) in every new process.
-    """
-    lowest = np.dtype(acc_name).type(-np.inf)
-    return {
-        "rows": lambda x, out, log: rows(x, out, log, lowest),
-        "columns": lambda x, out, strip, log: columns(x, out, strip, log, lowest),
-        "rows_backward": lambda g, y, out, log: rows_backward(g, y, out, log, lowest),
-        "columns_backward": lambda g, y, out, strip, log: columns_backward(
-            g, y, out, strip, log, lowest
-        ),
-        "logsumexp_rows": lambda x, out: logsumexp_rows(x, out, lowest),
-        "logsumexp_columns": lambda x, out, strip: logsumexp_columns(
-            x, out, strip, lowest
-        ),
-    }
+
+@njit(inline="always", cache=True)
+def row_backward(g, y, out, r, log, lowest):
+    n = g.shape[1]
+    total = 0.0  # float64
+    if log:
+        for j in range(n):
+            total += as_acc(g[r, j], lowest)
+        s = as_acc(total, lowest)
+        for j in range(n):
+            out[r, j] = as_acc(g[r, j], lowest) - exp(as_acc(y[r, j], lowest)) * s
+    else:
+        for j in range(n):
+            total += as_acc(g[r, j], lowest) * as_acc(y[r, j], lowest)
+        s = as_acc(total, lowest)
+        for j in range(n):
+            out[r, j] = as_acc(y[r, j], lowest) * (as_acc(g[r, j], lowest) - s)
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def rows_backward(g, y, out, log, lowest, parallel):
+    count = g.shape[0]
+    if not parallel:
+        for r in range(count):
+            row_backward(g, y, out, r, log, lowest)
+        return
+    for r in prange(count):
+        row_backward(g, y, out, r, log, lowest)
+
+
+@njit(inline="always", cache=True)
+def column_strip_backward(g, y, out, item, strips, strip, log, lowest):
+    n, inner = g.shape[1], g.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    wide = np.zeros(width, dtype=np.float64)
+    for i in range(n):
+        gr = g[o, i, c0 : c0 + width]
+        yr = y[o, i, c0 : c0 + width]
+        if log:
+            for c in range(width):
+                wide[c] += as_acc(gr[c], lowest)
+        else:
+            for c in range(width):
+                wide[c] += as_acc(gr[c], lowest) * as_acc(yr[c], lowest)
+    total = as_acc_array(wide, lowest)
+    for i in range(n):
+        gr = g[o, i, c0 : c0 + width]
+        yr = y[o, i, c0 : c0 + width]
+        orow = out[o, i, c0 : c0 + width]
+        if log:
+            for c in range(width):
+                orow[c] = as_acc(gr[c], lowest) - exp(as_acc(yr[c], lowest)) * total[c]
+        else:
+            for c in range(width):
+                orow[c] = as_acc(yr[c], lowest) * (as_acc(gr[c], lowest) - total[c])
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def columns_backward(g, y, out, strip, log, lowest, parallel):
+    outer, inner = g.shape[0], g.shape[2]
+    strips = (inner + strip - 1) // strip
+    if not parallel:
+        for item in range(outer * strips):
+            column_strip_backward(g, y, out, item, strips, strip, log, lowest)
+        return
+    for item in prange(outer * strips):
+        column_strip_backward(g, y, out, item, strips, strip, log, lowest)
+
+
+@njit(inline="always", cache=True)
+def row_logsumexp(x, out, r, lowest):
+    shift = row_max(x, r, lowest)
+    if np.isinf(shift):
+        shift = as_acc(0, lowest)
+    total = 0.0  # float64
+    for j in range(x.shape[1]):
+        total += exp(as_acc(x[r, j], lowest) - shift)
+    out[r] = as_acc(np.log(total), lowest) + shift
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def logsumexp_rows(x, out, lowest, parallel):
+    count = x.shape[0]
+    if not parallel:
+        for r in range(count):
+            row_logsumexp(x, out, r, lowest)
+        return
+    for r in prange(count):
+        row_logsumexp(x, out, r, lowest)
+
+
+@njit(inline="always", cache=True)
+def column_strip_logsumexp(x, out, item, strips, strip, lowest):
+    n, inner = x.shape[1], x.shape[2]
+    o, c0, width = strip_of(item, strips, strip, inner)
+    shift = strip_max(x, o, c0, width, lowest)
+    total = np.zeros(width, dtype=np.float64)
+    for c in range(width):
+        if np.isinf(shift[c]):
+            shift[c] = 0
+    for i in range(n):
+        xr = x[o, i, c0 : c0 + width]
+        for c in range(width):
+            total[c] += exp(as_acc(xr[c], lowest) - shift[c])
+    for c in range(width):
+        out[o, c0 + c] = as_acc(np.log(total[c]), lowest) + shift[c]
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def logsumexp_columns(x, out, strip, lowest, parallel):
+    """log(sum(exp(x))) over the middle axis into out[o, c], shifted by
+    the max as PyTorch does (by 0 when the max is infinite, so that
+    +inf gives inf and all -inf gives -inf)."""
+    outer, inner = x.shape[0], x.shape[2]
+    strips = (inner + strip - 1) // strip
+    if not parallel:
+        for item in range(outer * strips):
+            column_strip_logsumexp(x, out, item, strips, strip, lowest)
+        return
+    for item in prange(outer * strips):
+        column_strip_logsumexp(x, out, item, strips, strip, lowest)

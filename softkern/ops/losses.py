@@ -6,57 +6,26 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import cuda
 
-from softkern import _dispatch, _launch
+from softkern import _dispatch, _launch, _layout
 from softkern.cpu import losses as cpu_losses
 from softkern.cuda import losses as cuda_losses
-from softkern.ops.reduce import _flat, _Operand
+from softkern.ops.reduce import _flat
 from softkern.ops.softmax import (
     FLOAT_NAMES,
-    _computed_in,
     _contiguous_view,
-    _cpu_input,
-    _frozen,
+    cpu_input,
+    cpu_store,
+    cpu_target,
 )
 
 REDUCTIONS = ("none", "mean", "sum")
-
-
-@dataclass
-class _Loss:
-    """One call's checked arguments, as the kernels read them."""
-
-    fn: str
-    a: _Operand  # the input
-    x3: Any  # (outer, C, inner) view of the input
-    target3: Any  # (outer, inner) class indices or (outer, C, inner) probabilities
-    kind: str  # "index" or "probs"
-    weight: Any  # (C,) weights (None: all ones)
-    ignore_index: int
-    smoothing: float
-    reduction: str
-    batch_shape: tuple[int, ...]  # the shape of reduction="none"'s result
-    plan: _launch.SoftmaxPlan
-
-    @property
-    def classes(self) -> int:
-        return self.x3.shape[1]
-
-    @property
-    def positions(self) -> int:
-        return self.x3.shape[0] * self.x3.shape[2]
-
-    @property
-    def out_dtype(self) -> np.dtype:
-        return self.a.dtype  # float16 results are computed in float32
-
-    @property
-    def acc(self) -> np.dtype:
-        return _launch.softmax_acc_dtype(self.out_dtype)
+_INT64 = np.dtype(np.int64)
+CACHE_LINE = 64
 
 
 def _check_reduction(reduction: str, fn: str) -> str:
@@ -85,8 +54,305 @@ def _check_ignore_index(ignore_index: int, fn: str) -> int:
     return int(ignore_index)
 
 
-def _prepare(
+class LossPlan(NamedTuple):
+    """One loss call's checked arguments for one argument shape: what both
+    devices need (the (outer, C, inner) view, the plan, the reduction) and
+    what the CPU kernels need (casts first, -inf of the compute type, the
+    weight of ones when none is given, threading)."""
+
+    fn: str
+    kind: str  # "index" or "probs"
+    class_dim: int
+    batch_shape: tuple[int, ...]  # the shape of reduction="none"'s result
+    view: tuple[int, int, int]  # (outer, C, inner)
+    plan: _launch.SoftmaxPlan
+    out_dtype: np.dtype  # float16 results are computed in float32
+    acc: np.dtype
+    lowest: np.generic
+    casts: tuple[np.dtype, ...]  # of the input, before the CPU kernels
+    target_casts: tuple[np.dtype, ...]  # of probability targets
+    ignore_index: int
+    smoothing: float
+    reduction: str
+    ones: np.ndarray  # the CPU weight when none is given
+    parallel: bool  # the CPU kernels that read every logit
+    nll_parallel: bool  # nll_loss, which reads one logit per position
+
+    @property
+    def classes(self) -> int:
+        return self.view[1]
+
+    @property
+    def positions(self) -> int:
+        return self.view[0] * self.view[2]
+
+
+@_dispatch.plan_cache
+def loss_plan(
     fn: str,
+    probabilities: bool,
+    x_shape: tuple[int, ...],
+    x_dtype: np.dtype,
+    t_shape: tuple[int, ...],
+    t_dtype: np.dtype,
+    weight: tuple[tuple[int, ...], np.dtype] | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    block: int | None,
+) -> LossPlan:
+    reduction = _check_reduction(reduction, fn)
+    smoothing = _check_smoothing(label_smoothing, fn)
+    ignore_index = _check_ignore_index(ignore_index, fn)
+    if x_dtype.name not in FLOAT_NAMES:
+        raise TypeError(
+            f"{fn}: input has dtype {x_dtype}; expected float16, float32 or float64"
+        )
+    if not x_shape:
+        raise ValueError(
+            f"{fn}: input must have a class dim: shape (C,), (N, C) or "
+            f"(N, C, d1, ..., dK), got a 0-d array"
+        )
+    class_dim = 0 if len(x_shape) == 1 else 1
+    classes = x_shape[class_dim]
+    batch_shape = x_shape[:class_dim] + x_shape[class_dim + 1 :]
+    if probabilities and t_shape == x_shape and t_dtype.kind == "f":
+        kind = "probs"
+    elif t_shape == x_shape and probabilities:
+        raise TypeError(
+            f"{fn}: a target of the input's shape {x_shape} holds class "
+            f"probabilities and must be floating point, got {t_dtype}"
+        )
+    else:
+        kind = "index"
+        if t_dtype.kind not in "iu":
+            probs = " (or class probabilities of the input's shape)"
+            raise TypeError(
+                f"{fn}: target must hold class indices of an integer dtype"
+                f"{probs if probabilities else ''}, got {t_dtype} of shape {t_shape}"
+            )
+        if t_shape != batch_shape:
+            raise ValueError(
+                f"{fn}: input of shape {x_shape} needs a target of shape "
+                f"{batch_shape} (batch size {x_shape[0] if class_dim else 'none'}), "
+                f"got {t_shape}"
+            )
+    if weight is not None:
+        w_shape, w_dtype = weight
+        if w_dtype.kind not in "fiu":
+            raise TypeError(f"{fn}: weight has dtype {w_dtype}; expected a real dtype")
+        if w_shape != (classes,):
+            raise ValueError(
+                f"{fn}: weight must have shape ({classes},), one value per class, "
+                f"got {w_shape}"
+            )
+    view = _layout.outer_n_inner(x_shape, (class_dim,))
+    if classes == 0 and view[0] * view[2]:
+        raise ValueError(f"{fn}: input of shape {x_shape} has no classes")
+    plan = _launch.softmax_plan(view, 1, x_dtype, block)
+    acc = _launch.softmax_acc_dtype(x_dtype)
+    ones = np.ones(classes, acc)
+    ones.flags.writeable = False  # shared by every call of this plan
+    return LossPlan(
+        fn=fn,
+        kind=kind,
+        class_dim=class_dim,
+        batch_shape=batch_shape,
+        view=view,
+        plan=plan,
+        out_dtype=x_dtype,
+        acc=acc,
+        lowest=acc.type(-np.inf),
+        casts=(acc,) if x_dtype != acc else (),
+        # Numba cannot load float16 on the CPU: such targets are widened
+        target_casts=(np.dtype(np.float32),) if t_dtype.itemsize < 4 else (),
+        ignore_index=ignore_index,
+        smoothing=smoothing,
+        reduction=reduction,
+        ones=ones,
+        parallel=_launch.cpu_parallel(math.prod(x_shape) * x_dtype.itemsize),
+        # each position's logit is a load from its own cache line
+        nll_parallel=_launch.cpu_parallel(view[0] * view[2] * CACHE_LINE),
+    )
+
+
+def _raise_bad_target(p: LossPlan, value: int) -> None:
+    raise IndexError(
+        f"{p.fn}: target {int(value)} is out of bounds for {p.classes} "
+        f"classes (expected 0 to {p.classes - 1}, or ignore_index="
+        f"{p.ignore_index})"
+    )
+
+
+def _empty_result(p: LossPlan, empty: Any) -> Any:
+    """The result of a batch of no positions: mean NaN, sum 0, none empty;
+    `empty(shape, dtype)` allocates (native, kernel view) on the device."""
+    shape = p.batch_shape if p.reduction == "none" else ()
+    native, out = empty(shape, p.out_dtype)
+    if p.reduction != "none":
+        value = np.full((), np.nan if p.reduction == "mean" else 0, p.out_dtype)
+        if isinstance(out, np.ndarray):
+            out[...] = value
+        else:
+            _flat(out).copy_to_device(value.reshape(1))
+    return native
+
+
+def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any]:
+    out = _dispatch.host_empty(shape, dtype)
+    return out, out
+
+
+# --- CPU ---------------------------------------------------------------------
+
+
+class _HostArgs(NamedTuple):
+    """A loss call's NumPy arrays as the CPU kernels read them."""
+
+    x3: np.ndarray  # (outer, C, inner), in the compute dtype
+    target: np.ndarray  # (outer, inner) int64 indices or (outer, C, inner) probs
+    weight: np.ndarray  # (C,) in the compute dtype
+
+
+def _host_args(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> _HostArgs:
+    x3 = cpu_input(x.reshape(p.view), p.casts)
+    if p.kind == "probs":
+        target = cpu_input(t.reshape(p.view), p.target_casts)
+    else:
+        target = t.reshape(p.view[0], p.view[2])
+        if target.dtype != _INT64 or not target.flags.c_contiguous:
+            target = np.ascontiguousarray(target, dtype=_INT64)
+    if w is None:
+        weight = p.ones
+    else:
+        weight = np.ascontiguousarray(w, dtype=p.acc)
+    return _HostArgs(x3, target, weight)
+
+
+def _loss_result(p: LossPlan, losses: np.ndarray, total: float, count: float) -> Any:
+    """The reduced result, from the per-position `losses` and their `total`
+    over `count` (the mean's denominator)."""
+    if p.reduction == "none":
+        out = _dispatch.host_empty(p.batch_shape, p.out_dtype)
+        out[...] = losses.reshape(p.batch_shape)
+        return out
+    if p.reduction == "mean":
+        if count == 0:  # all ignored: 0 / 0 = NaN, as PyTorch
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total = np.float64(total) / count
+        else:
+            total = total / count
+    return np.array(total, p.out_dtype)
+
+
+def _cpu_forward(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> Any:
+    args = _host_args(p, x, t, w)
+    outer, _, inner = p.view
+    rows = p.plan.cpu_regime == "rows"
+    losses = _dispatch.host_empty((outer, inner), np.float64)
+    if p.kind == "probs":
+        if rows:
+            total = cpu_losses.probs_rows(
+                args.x3.reshape(outer, p.classes),
+                args.target.reshape(outer, p.classes),
+                args.weight,
+                p.smoothing,
+                losses.reshape(-1),
+                p.lowest,
+                p.parallel,
+            )
+        else:
+            total = cpu_losses.probs_columns(
+                args.x3,
+                args.target,
+                args.weight,
+                p.smoothing,
+                p.plan.cpu_strip,
+                losses,
+                p.lowest,
+                p.parallel,
+            )
+        return _loss_result(p, losses, total, p.positions)
+    weights = _dispatch.host_empty((outer, inner), np.float64)
+    if rows:
+        total, count, bad = cpu_losses.index_rows(
+            args.x3.reshape(outer, p.classes),
+            args.target.reshape(-1),
+            args.weight,
+            p.ignore_index,
+            p.smoothing,
+            losses.reshape(-1),
+            weights.reshape(-1),
+            p.lowest,
+            p.parallel,
+        )
+    else:
+        total, count, bad = cpu_losses.index_columns(
+            args.x3,
+            args.target,
+            args.weight,
+            p.ignore_index,
+            p.smoothing,
+            p.plan.cpu_strip,
+            losses,
+            weights,
+            p.lowest,
+            p.parallel,
+        )
+    if bad >= 0:
+        _raise_bad_target(p, args.target.flat[bad])
+    return _loss_result(p, losses, total, count)
+
+
+def _cpu_nll(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> Any:
+    args = _host_args(p, x, t, w)
+    losses = _dispatch.host_empty(args.target.shape, np.float64)
+    weights = _dispatch.host_empty(args.target.shape, np.float64)
+    total, count, bad = cpu_losses.nll(
+        args.x3,
+        args.target,
+        args.weight,
+        p.ignore_index,
+        losses,
+        weights,
+        p.nll_parallel,
+    )
+    if bad >= 0:
+        _raise_bad_target(p, args.target.flat[bad])
+    return _loss_result(p, losses, total, count)
+
+
+def _host_operands(*values: Any) -> tuple[Any, ...] | None:
+    """The arguments as NumPy arrays (None stays None) when the call runs
+    on the CPU, or None when it runs on the GPU."""
+    if all(type(v) is np.ndarray or v is None for v in values):
+        return values
+    if _dispatch.device_of(*(v for v in values if v is not None)) == "cuda":
+        return None
+    return tuple(None if v is None else np.asarray(v) for v in values)
+
+
+def _weight_key(w: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+    return None if w is None else (w.shape, w.dtype)
+
+
+# --- GPU ---------------------------------------------------------------------
+
+
+@dataclass
+class _Loss:
+    """A GPU call's operands as the kernels read them, and its plan."""
+
+    p: LossPlan
+    a: _dispatch.Operand  # the input
+    x3: Any  # (outer, C, inner) view of the input
+    target3: Any  # (outer, inner) class indices or (outer, C, inner) probabilities
+    weight: _dispatch.Operand | None  # (C,) weights (None: all ones)
+
+
+def _gpu_loss(
+    fn: str,
+    probabilities: bool,
     input: Any,
     target: Any,
     weight: Any,
@@ -94,80 +360,31 @@ def _prepare(
     reduction: str,
     label_smoothing: float,
     block: int | None,
-    probabilities: bool,
 ) -> _Loss:
-    reduction = _check_reduction(reduction, fn)
-    smoothing = _check_smoothing(label_smoothing, fn)
-    ignore_index = _check_ignore_index(ignore_index, fn)
-    _dispatch.device_of(*(v for v in (input, target, weight) if v is not None))
-    a = _Operand(input, "input")
-    if a.dtype.name not in FLOAT_NAMES:
-        raise TypeError(
-            f"{fn}: input has dtype {a.dtype}; expected float16, float32 or float64"
-        )
-    if not a.shape:
-        raise ValueError(
-            f"{fn}: input must have a class dim: shape (C,), (N, C) or "
-            f"(N, C, d1, ..., dK), got a 0-d array"
-        )
-    class_dim = 0 if len(a.shape) == 1 else 1
-    classes = a.shape[class_dim]
-    batch_shape = a.shape[:class_dim] + a.shape[class_dim + 1 :]
-    t = _Operand(target, "target")
-    if probabilities and t.shape == a.shape and t.dtype.kind == "f":
-        kind = "probs"
-        target3 = t.around((class_dim,))
-    elif t.shape == a.shape and probabilities:
-        raise TypeError(
-            f"{fn}: a target of the input's shape {a.shape} holds class "
-            f"probabilities and must be floating point, got {t.dtype}"
-        )
-    else:
-        kind = "index"
-        if t.dtype.kind not in "iu":
-            probs = " (or class probabilities of the input's shape)"
-            raise TypeError(
-                f"{fn}: target must hold class indices of an integer dtype"
-                f"{probs if probabilities else ''}, got {t.dtype} of shape {t.shape}"
-            )
-        if t.shape != batch_shape:
-            raise ValueError(
-                f"{fn}: input of shape {a.shape} needs a target of shape "
-                f"{batch_shape} (batch size {a.shape[0] if class_dim else 'none'}), "
-                f"got {t.shape}"
-            )
-        target3 = _positions(t, a.shape, class_dim)
-    w = None
-    if weight is not None:
-        w = _Operand(weight, "weight")
-        if w.dtype.kind not in "fiu":
-            raise TypeError(f"{fn}: weight has dtype {w.dtype}; expected a real dtype")
-        if w.shape != (classes,):
-            raise ValueError(
-                f"{fn}: weight must have shape ({classes},), one value per class, "
-                f"got {w.shape}"
-            )
-    x3 = a.around((class_dim,))
-    plan = _launch.softmax_plan(x3.shape, 1, a.dtype, block)
-    loss = _Loss(
-        fn=fn,
-        a=a,
-        x3=x3,
-        target3=target3,
-        kind=kind,
-        weight=w,
-        ignore_index=ignore_index,
-        smoothing=smoothing,
-        reduction=reduction,
-        batch_shape=batch_shape,
-        plan=plan,
+    a = _dispatch.Operand(input, "input")
+    t = _dispatch.Operand(target, "target")
+    w = None if weight is None else _dispatch.Operand(weight, "weight")
+    p = loss_plan(
+        fn,
+        probabilities,
+        a.shape,
+        a.dtype,
+        t.shape,
+        t.dtype,
+        None if w is None else (w.shape, w.dtype),
+        ignore_index,
+        reduction,
+        label_smoothing,
+        block,
     )
-    if classes == 0 and loss.positions:
-        raise ValueError(f"{fn}: input of shape {a.shape} has no classes")
-    return loss
+    if p.kind == "probs":
+        target3 = t.around((p.class_dim,))
+    else:
+        target3 = _positions(t, a.shape, p.class_dim)
+    return _Loss(p, a, a.around((p.class_dim,)), target3, w)
 
 
-def _positions(t: _Operand, shape: tuple[int, ...], class_dim: int) -> Any:
+def _positions(t: _dispatch.Operand, shape: tuple[int, ...], class_dim: int) -> Any:
     """Class-index targets as an (outer, inner) view (a copy only where
     strides cannot merge)."""
     if not t.shape:  # input (C,), target ()
@@ -177,108 +394,6 @@ def _positions(t: _Operand, shape: tuple[int, ...], class_dim: int) -> Any:
     inner = math.prod(shape[class_dim + 1 :])
     step = flat.strides[0]
     return _dispatch.strided_view(flat, (outer, inner), (inner * step, step))
-
-
-def _check_targets_cpu(loss: _Loss) -> np.ndarray:
-    """The class indices as int64, after checking each is a class or
-    ignore_index (before any kernel reads x with them)."""
-    t = np.asarray(loss.target3)
-    ignored = t == loss.ignore_index
-    bad = ~ignored & ((t < 0) | (t >= loss.classes))
-    if bad.any():
-        _raise_bad_target(loss, t[bad].flat[0])
-    return _frozen(np.ascontiguousarray(t, dtype=np.int64))
-
-
-def _raise_bad_target(loss: _Loss, value: int) -> None:
-    raise IndexError(
-        f"{loss.fn}: target {int(value)} is out of bounds for {loss.classes} "
-        f"classes (expected 0 to {loss.classes - 1}, or ignore_index="
-        f"{loss.ignore_index})"
-    )
-
-
-def _cpu_weight(loss: _Loss) -> np.ndarray:
-    if loss.weight is None:
-        return _frozen(np.ones(loss.classes, loss.acc))
-    return _frozen(np.ascontiguousarray(loss.weight.array, dtype=loss.acc))
-
-
-def _empty_result(loss: _Loss) -> Any:
-    """The result of a batch of no positions: mean NaN, sum 0, none empty."""
-    shape = loss.batch_shape if loss.reduction == "none" else ()
-    native, out = loss.a.empty(shape, loss.out_dtype)
-    if loss.reduction != "none":
-        value = np.full((), np.nan if loss.reduction == "mean" else 0, loss.out_dtype)
-        if isinstance(out, np.ndarray):
-            out[...] = value
-        else:
-            _flat(out).copy_to_device(value.reshape(1))
-    return native
-
-
-def _reduce_cpu(loss: _Loss, losses: np.ndarray, weights: np.ndarray | None) -> Any:
-    shape = loss.batch_shape if loss.reduction == "none" else ()
-    native, out = loss.a.empty(shape, loss.out_dtype)
-    if loss.reduction == "none":
-        out[...] = losses.reshape(shape)
-        return native
-    total = np.sum(losses)
-    if loss.reduction == "mean":
-        count = loss.positions if weights is None else np.sum(weights)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            total = total / count  # all ignored: 0 / 0 = NaN, as PyTorch
-    out[...] = total
-    return native
-
-
-def _cpu_forward(loss: _Loss) -> Any:
-    x3 = _cpu_input(loss.x3)
-    lowest = loss.acc.type(-np.inf)
-    weight = _cpu_weight(loss)
-    outer, _, inner = x3.shape
-    losses = np.empty((outer, inner), np.float64)
-    rows = loss.plan.cpu_regime == "rows"
-    if loss.kind == "probs":
-        q3 = _cpu_input(loss.target3)
-        if rows:
-            cpu_losses.probs_rows(
-                x3[:, :, 0], q3[:, :, 0], weight, loss.smoothing, losses[:, 0], lowest
-            )
-        else:
-            cpu_losses.probs_columns(
-                x3, q3, weight, loss.smoothing, loss.plan.cpu_strip, losses, lowest
-            )
-        return _reduce_cpu(loss, losses, None)
-    target = _check_targets_cpu(loss)
-    weights = np.empty((outer, inner), np.float64)
-    if rows:
-        cpu_losses.index_rows(
-            x3[:, :, 0],
-            target[:, 0],
-            weight,
-            loss.ignore_index,
-            loss.smoothing,
-            losses[:, 0],
-            weights[:, 0],
-            lowest,
-        )
-    else:
-        cpu_losses.index_columns(
-            x3,
-            target,
-            weight,
-            loss.ignore_index,
-            loss.smoothing,
-            loss.plan.cpu_strip,
-            losses,
-            weights,
-            lowest,
-        )
-    return _reduce_cpu(loss, losses, weights)
-
-
-# --- GPU ---------------------------------------------------------------------
 
 
 class _GpuScratch:
@@ -296,7 +411,7 @@ class _GpuScratch:
 
     def weight(self) -> Any:
         if self.loss.weight is None:
-            return self.small(np.ones(self.loss.classes), self.loss.acc)
+            return self.small(np.ones(self.loss.p.classes), self.loss.p.acc)
         return self.loss.weight.view([(0, 1)])
 
     def check(self) -> None:
@@ -305,7 +420,7 @@ class _GpuScratch:
         if self.stream:
             self.stream.synchronize()
         if bad[0]:
-            _raise_bad_target(self.loss, bad[1])
+            _raise_bad_target(self.loss.p, bad[1])
 
 
 def _gpu_losses(loss: _Loss, launch: Any, grid: int, strategy: int) -> Any:
@@ -316,12 +431,12 @@ def _gpu_losses(loss: _Loss, launch: Any, grid: int, strategy: int) -> Any:
     scratch = _GpuScratch(loss)
     with loss.a.call.on_device():
         weight = scratch.weight()
-        if loss.reduction == "none":
-            native, out = loss.a.empty(loss.batch_shape, loss.out_dtype)
+        if loss.p.reduction == "none":
+            native, out = loss.a.empty(loss.p.batch_shape, loss.p.out_dtype)
             positions = (loss.x3.shape[0], loss.x3.shape[2])
             launch(weight, _contiguous_view(out, positions), False, scratch)
         else:
-            partials = loss.a.empty((2, grid), loss.acc)[1]
+            partials = loss.a.empty((2, grid), loss.p.acc)[1]
             launch(weight, partials, True, scratch)
             native = _finish(loss, partials, strategy, scratch.stream)
         scratch.check()
@@ -331,42 +446,34 @@ def _gpu_losses(loss: _Loss, launch: Any, grid: int, strategy: int) -> Any:
 def _gpu_forward(loss: _Loss, strategy: int) -> Any:
     def launch(weight: Any, out: Any, total: bool, scratch: _GpuScratch) -> None:
         cuda_losses.launch_forward(
-            loss.kind,
+            loss.p.kind,
             loss.x3,
             loss.target3,
             weight,
-            loss.ignore_index,
-            loss.smoothing,
+            loss.p.ignore_index,
+            loss.p.smoothing,
             out,
             total,
-            loss.plan,
+            loss.p.plan,
             strategy,
             scratch.stream,
             scratch.bad,
         )
 
-    return _gpu_losses(loss, launch, loss.plan.grid, strategy)
+    return _gpu_losses(loss, launch, loss.p.plan.grid, strategy)
 
 
 def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
-    native, out = loss.a.empty((), loss.out_dtype)
-    if loss.reduction == "sum":
+    native, out = loss.a.empty((), loss.p.out_dtype)
+    if loss.p.reduction == "sum":
         mode, count = cuda_losses.SUM, 0
     else:
         mode = cuda_losses.MEAN
-        count = loss.positions if loss.kind == "probs" else 0
+        count = loss.p.positions if loss.p.kind == "probs" else 0
     cuda_losses.launch_finish(
-        partials, mode, count, _flat(out), loss.plan.block, strategy, stream
+        partials, mode, count, _flat(out), loss.p.plan.block, strategy, stream
     )
     return native
-
-
-def _forward(loss: _Loss, strategy: int) -> Any:
-    if loss.positions == 0:
-        return _empty_result(loss)
-    if loss.a.call is None:
-        return _cpu_forward(loss)
-    return _gpu_forward(loss, strategy)
 
 
 def cross_entropy(
@@ -400,18 +507,24 @@ def cross_entropy(
     Returns an array of the input's kind and dtype (0-d unless "none").
     """
     strategy = _launch.check_strategy(reduce)
-    loss = _prepare(
-        "softkern.cross_entropy",
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        block,
-        probabilities=True,
-    )
-    return _forward(loss, strategy)
+    fn = "softkern.cross_entropy"
+    host = _host_operands(input, target, weight)
+    if host is None:
+        loss = _gpu_loss(
+            fn, True, input, target, weight, ignore_index, reduction,
+            label_smoothing, block,
+        )  # fmt: skip
+        if loss.p.positions == 0:
+            return _empty_result(loss.p, loss.a.empty)
+        return _gpu_forward(loss, strategy)
+    x, t, w = host
+    p = loss_plan(
+        fn, True, x.shape, x.dtype, t.shape, t.dtype, _weight_key(w),
+        ignore_index, reduction, label_smoothing, block,
+    )  # fmt: skip
+    if p.positions == 0:
+        return _empty_result(p, _host_empty)
+    return _cpu_forward(p, x, t, w)
 
 
 def nll_loss(
@@ -429,36 +542,30 @@ def nll_loss(
     input[i, t] per position, reduced as ``cross_entropy`` (shapes, weight,
     ignore_index, reduction and errors as there; no probability targets)."""
     strategy = _launch.check_strategy(reduce)
-    loss = _prepare(
-        "softkern.nll_loss",
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        0.0,
-        block,
-        probabilities=False,
+    fn = "softkern.nll_loss"
+    host = _host_operands(input, target, weight)
+    if host is not None:
+        x, t, w = host
+        p = loss_plan(
+            fn, False, x.shape, x.dtype, t.shape, t.dtype, _weight_key(w),
+            ignore_index, reduction, 0.0, block,
+        )  # fmt: skip
+        if p.positions == 0:
+            return _empty_result(p, _host_empty)
+        return _cpu_nll(p, x, t, w)
+    loss = _gpu_loss(
+        fn, False, input, target, weight, ignore_index, reduction, 0.0, block
     )
-    if loss.positions == 0:
-        return _empty_result(loss)
-    if loss.a.call is None:
-        x3 = _cpu_input(loss.x3)
-        target = _check_targets_cpu(loss)
-        losses = np.empty(target.shape, np.float64)
-        weights = np.empty(target.shape, np.float64)
-        cpu_losses.nll(
-            x3, target, _cpu_weight(loss), loss.ignore_index, losses, weights
-        )
-        return _reduce_cpu(loss, losses, weights)
-    plan = _launch.full_reduce_plan(loss.positions, loss.plan.block)
+    if loss.p.positions == 0:
+        return _empty_result(loss.p, loss.a.empty)
+    plan = _launch.full_reduce_plan(loss.p.positions, loss.p.plan.block)
 
     def launch(weight: Any, out: Any, total: bool, scratch: _GpuScratch) -> None:
         cuda_losses.launch_nll(
             loss.x3,
             loss.target3,
             weight,
-            loss.ignore_index,
+            loss.p.ignore_index,
             out,
             total,
             plan,
@@ -473,32 +580,32 @@ def nll_loss(
 # --- backward ----------------------------------------------------------------
 
 
-def _grads(loss: _Loss, grad_output: Any) -> tuple[Any, bool]:
+def _grads(p: LossPlan, device: str, grad_output: Any) -> tuple[Any, bool]:
     """grad_output as the kernels read it: a 1-D array of one value, or of
     one per position for reduction "none"; and whether it is on the host."""
-    fn = loss.fn
+    fn = p.fn
     if isinstance(grad_output, numbers.Real) and not isinstance(grad_output, bool):
-        return _frozen(np.array([grad_output], np.float64)), True
-    g = _Operand(grad_output, "grad_output")
-    if g.device != loss.a.device:
+        return np.array([grad_output], np.float64), True
+    g = _dispatch.Operand(grad_output, "grad_output")
+    if g.device != device:
         raise TypeError(
-            f"{fn}: input is on the {loss.a.device.upper()} but grad_output is "
+            f"{fn}: input is on the {device.upper()} but grad_output is "
             f"on the {g.device.upper()}; pass them on one device"
         )
     if g.dtype.kind not in "fiu":
         raise TypeError(f"{fn}: grad_output has dtype {g.dtype}; expected a real dtype")
-    want = loss.batch_shape if loss.reduction == "none" else ()
+    want = p.batch_shape if p.reduction == "none" else ()
     if g.shape not in ((), want):
         raise ValueError(
             f"{fn}: grad_output must be a number or an array of the loss's shape "
-            f"{want} (reduction={loss.reduction!r}), got shape {g.shape}"
+            f"{want} (reduction={p.reduction!r}), got shape {g.shape}"
         )
     if not g.shape:
         flat = _dispatch.strided_view(g.array, (1,), (0,))
     else:
         flat = g.view([(0, len(g.shape))])
     if g.call is None:
-        return _frozen(np.ascontiguousarray(flat, dtype=np.float64)), True
+        return np.ascontiguousarray(flat, dtype=np.float64), True
     return flat, False
 
 
@@ -522,43 +629,45 @@ def cross_entropy_backward(
     and errors as ``cross_entropy``; returns an array of the input's shape,
     kind and dtype. Targets that are ignored get a zero gradient."""
     strategy = _launch.check_strategy(reduce)
-    loss = _prepare(
-        "softkern.cross_entropy_backward",
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        block,
-        probabilities=True,
-    )
-    grads, on_host = _grads(loss, grad_output)
-    native, out = loss.a.empty(loss.a.shape, loss.out_dtype)
+    fn = "softkern.cross_entropy_backward"
+    host = _host_operands(input, target, weight)
+    if host is not None:
+        x, t, w = host
+        p = loss_plan(
+            fn, True, x.shape, x.dtype, t.shape, t.dtype, _weight_key(w),
+            ignore_index, reduction, label_smoothing, block,
+        )  # fmt: skip
+        grads = _grads(p, "cpu", grad_output)[0]
+        out = _dispatch.host_empty(x.shape, p.out_dtype)
+        if out.size:
+            _cpu_backward(p, x, t, w, grads, out)
+        return out
+    loss = _gpu_loss(
+        fn, True, input, target, weight, ignore_index, reduction,
+        label_smoothing, block,
+    )  # fmt: skip
+    grads, on_host = _grads(loss.p, "cuda", grad_output)
+    native, out = loss.a.empty(loss.a.shape, loss.p.out_dtype)
     if math.prod(loss.a.shape) == 0:
         return native
-    mean_of_probs = loss.reduction == "mean" and loss.kind == "probs"
-    scale = 1.0 / loss.positions if mean_of_probs else 1.0
-    if loss.a.call is None:
-        _cpu_backward(loss, grads, scale, out)
-        return native
+    scale = _backward_scale(loss.p)
     scratch = _GpuScratch(loss)
-    plan = loss.plan
+    plan = loss.p.plan
     with loss.a.call.on_device():
         weight = scratch.weight()
         if on_host:
-            grads = scratch.small(grads, loss.acc)
-        denominator = scratch.small([1.0], loss.acc)
-        if loss.reduction == "mean" and loss.kind == "index":
+            grads = scratch.small(grads, loss.p.acc)
+        denominator = scratch.small([1.0], loss.p.acc)
+        if loss.p.reduction == "mean" and loss.p.kind == "index":
             # The mean divides by the summed weights of the counted targets:
             # folded on the device by nll_loss's kernel, never copied back.
-            positions = _launch.full_reduce_plan(loss.positions, plan.block)
-            partials = loss.a.empty((2, positions.grid), loss.acc)[1]
+            positions = _launch.full_reduce_plan(loss.p.positions, plan.block)
+            partials = loss.a.empty((2, positions.grid), loss.p.acc)[1]
             cuda_losses.launch_nll(
                 loss.x3,
                 loss.target3,
                 weight,
-                loss.ignore_index,
+                loss.p.ignore_index,
                 partials,
                 True,
                 positions,
@@ -576,12 +685,12 @@ def cross_entropy_backward(
                 scratch.stream,
             )
         cuda_losses.launch_backward(
-            loss.kind,
+            loss.p.kind,
             loss.x3,
             loss.target3,
             weight,
-            loss.ignore_index,
-            loss.smoothing,
+            loss.p.ignore_index,
+            loss.p.smoothing,
             grads,
             scale,
             denominator,
@@ -595,42 +704,69 @@ def cross_entropy_backward(
     return native
 
 
-def _cpu_backward(loss: _Loss, grads: np.ndarray, scale: float, out: Any) -> None:
-    x3 = _cpu_input(loss.x3)
-    lowest = loss.acc.type(-np.inf)
-    weight = _cpu_weight(loss)
-    rows = loss.plan.cpu_regime == "rows"
-    strip = loss.plan.cpu_strip
-    with _computed_in(out, loss.acc) as target:
-        out3 = _contiguous_view(target, x3.shape)
-        if loss.kind == "probs":
-            q3 = _cpu_input(loss.target3)
-            if rows:
-                cpu_losses.probs_rows_backward(
-                    x3[:, :, 0],
-                    q3[:, :, 0],
-                    weight,
-                    loss.smoothing,
-                    grads,
-                    scale,
-                    out3[:, :, 0],
-                    lowest,
-                )
-            else:
-                cpu_losses.probs_columns_backward(
-                    x3, q3, weight, loss.smoothing, grads, scale, strip, out3, lowest
-                )
+def _backward_scale(p: LossPlan) -> float:
+    """The reduction's factor on every gradient, but for the mean over
+    class-index targets (divided by their summed weights, found apart)."""
+    return 1.0 / p.positions if p.reduction == "mean" and p.kind == "probs" else 1.0
+
+
+def _cpu_backward(
+    p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any, grads: np.ndarray, out: Any
+) -> None:
+    args = _host_args(p, x, t, w)
+    scale = _backward_scale(p)
+    rows = p.plan.cpu_regime == "rows"
+    outer, classes, _ = p.view
+    target = cpu_target(out, p.acc)
+    out3 = target.reshape(p.view)
+    if p.kind == "probs":
+        if rows:
+            cpu_losses.probs_rows_backward(
+                args.x3.reshape(outer, classes),
+                args.target.reshape(outer, classes),
+                args.weight,
+                p.smoothing,
+                grads,
+                scale,
+                out3.reshape(outer, classes),
+                p.lowest,
+                p.parallel,
+            )
         else:
-            index = _check_targets_cpu(loss)
-            if loss.reduction == "mean":
-                counted = index != loss.ignore_index
-                total_weight = np.sum(weight[index[counted]], dtype=np.float64)
-                with np.errstate(divide="ignore"):  # all ignored: every row is 0
-                    scale = np.float64(scale) / total_weight
-            args = (weight, loss.ignore_index, loss.smoothing, grads, scale)
-            if rows:
-                cpu_losses.index_rows_backward(
-                    x3[:, :, 0], index[:, 0], *args, out3[:, :, 0], lowest
-                )
-            else:
-                cpu_losses.index_columns_backward(x3, index, *args, strip, out3, lowest)
+            cpu_losses.probs_columns_backward(
+                args.x3,
+                args.target,
+                args.weight,
+                p.smoothing,
+                grads,
+                scale,
+                p.plan.cpu_strip,
+                out3,
+                p.lowest,
+                p.parallel,
+            )
+        cpu_store(out, target)
+        return
+    total_weight, bad = cpu_losses.target_weight(
+        args.target, args.weight, p.ignore_index
+    )
+    if bad >= 0:
+        _raise_bad_target(p, args.target.flat[bad])
+    if p.reduction == "mean":
+        with np.errstate(divide="ignore"):  # all ignored: every row is 0
+            scale = np.float64(scale) / total_weight
+    common = (args.weight, p.ignore_index, p.smoothing, grads, scale)
+    if rows:
+        cpu_losses.index_rows_backward(
+            args.x3.reshape(outer, classes),
+            args.target.reshape(-1),
+            *common,
+            out3.reshape(outer, classes),
+            p.lowest,
+            p.parallel,
+        )
+    else:
+        cpu_losses.index_columns_backward(
+            args.x3, args.target, *common, p.plan.cpu_strip, out3, p.lowest, p.parallel
+        )
+    cpu_store(out, target)

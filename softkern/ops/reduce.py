@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,75 +18,122 @@ REDUCE_DTYPES = tuple(np.dtype(n).type for n in cuda_reduce.REDUCE_DTYPES)
 DOT_DTYPES = tuple(np.dtype(n).type for n in cuda_reduce.FLOAT_DTYPES)
 
 
-class _Operand:
-    """One array argument, as the kernels of its device read it.
+class ReducePlan(NamedTuple):
+    """One reduction's checked arguments and kernel choice, for a shape.
 
-    Holds the kernel-side array (a NumPy array, or a Numba or simulator device
-    array) and, for the GPU, the caller's kind of array, allocator and stream.
+    `kind`: "empty" (nothing to compute), "full" (every dim: a 1-D view,
+    ``FullReducePlan``), "rows" (an (outer, n) view, the reduced dims last
+    and contiguous in the view) or "columns" (an (outer, n, inner) view);
+    `dims` the sorted reduced dims, `view` the kernel's view shape.
     """
 
-    def __init__(self, x: Any, name: str):
-        self.device = _dispatch.device_of(x)
-        if self.device == "cpu":
-            self.array = np.asarray(x)
-            self.call = None
-        else:
-            self.array, self.call = _dispatch.gpu_operand(x)
-        self.name = name
-        self.dtype = np.dtype(self.array.dtype)
-        self.shape = tuple(self.array.shape)
+    op: str
+    strategy: int
+    dims: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    acc: np.dtype
+    start: np.generic
+    kind: str
+    view: tuple[int, ...]
+    launch: Any  # FullReducePlan or DimReducePlan
+    parallel: bool
 
-    def check_dtype(self, allowed: tuple, what: str) -> None:
-        if self.dtype.type not in allowed:
-            names = ", ".join(np.dtype(t).name for t in allowed)
-            raise TypeError(
-                f"{what}: {self.name} has dtype {self.dtype}; supported: {names}"
-            )
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any]:
-        if self.call is None:
-            arr = np.empty(shape, dtype)
-            return arr, arr
-        return self.call.empty(shape, dtype)
-
-    def view(self, groups: Sequence[tuple[int, int]], arr: Any = None) -> Any:
-        """`arr` (default: the operand) with each run of dims merged into one;
-        copies only when the strides do not allow a view."""
-        arr = self.array if arr is None else arr
-        shape, strides = tuple(arr.shape), tuple(arr.strides)
-        merged = _layout.merge_strides(shape, strides, groups, self.dtype.itemsize)
-        if merged is None:
-            if self.call is None:
-                arr = np.ascontiguousarray(arr)
-            else:
-                with self.call.on_device():
-                    arr = _dispatch.gpu_contiguous(arr, self.call)
-            merged = _layout.merge_strides(
-                shape, tuple(arr.strides), groups, self.dtype.itemsize
-            )
-        return _dispatch.strided_view(arr, *merged)
-
-    def around(self, dims: Sequence[int]) -> Any:
-        """The operand as an (outer, n, inner) view, n the product of the
-        sorted `dims` (at least one). Dims apart are first moved last (a
-        strided view); a copy happens only where strides cannot merge."""
-        ndim = len(self.shape)
+@_dispatch.plan_cache
+def reduce_plan(
+    op: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    dim: Dim,
+    keepdim: bool,
+    strategy: int,
+    block: int | None,
+) -> ReducePlan:
+    fn = f"softkern.{op}"
+    strategy = _launch.check_strategy(strategy)
+    block = _launch.check_block(block)
+    _dispatch.check_dtype(dtype, REDUCE_DTYPES, fn, "x")
+    dims = _layout.normalize_dims(dim, len(shape))
+    out_shape = _layout.reduced_shape(shape, dims, bool(keepdim))
+    acc = cuda_reduce.acc_dtype(op, dtype)
+    if op != "sum":
+        for d in dims:
+            if shape[d] == 0:
+                raise IndexError(
+                    f"{fn}: cannot reduce over dim {d} of size 0 "
+                    f"(x has shape {shape}); {op} of no elements is undefined"
+                )
+    start = cpu_reduce.start_of(op, dtype)
+    size = math.prod(shape)
+    if math.prod(out_shape) == 0:
+        kind, view, launch = "empty", (), None
+    elif len(dims) == len(shape):
+        kind, view = "full", (size,)
+        launch = _launch.full_reduce_plan(size, block)
+    else:
         if _layout.is_consecutive(dims):
-            first, last = dims[0], dims[-1]
-            return self.view([(0, first), (first, last + 1), (last + 1, ndim)])
-        kept = [d for d in range(ndim) if d not in dims]
-        return self.view(
-            [(0, len(kept)), (len(kept), ndim), (ndim, ndim)],
-            self.permuted(kept + list(dims)),
-        )
+            outer, n, inner = _layout.outer_n_inner(shape, dims)
+        else:  # the reduced dims are moved last: rows of n elements
+            n = math.prod(shape[d] for d in dims)
+            outer = math.prod(s for d, s in enumerate(shape) if d not in dims)
+            inner = 1
+        launch = _launch.dim_reduce_plan(outer, n, inner, block)
+        kind = launch.regime
+        view = (outer, n) if kind == "rows" else (outer, n, inner)
+    parallel = _launch.cpu_parallel(size * dtype.itemsize)
+    return ReducePlan(
+        op, strategy, dims, out_shape, acc, start, kind, view, launch, parallel
+    )
 
-    def permuted(self, order: Sequence[int]) -> Any:
-        strides = tuple(self.array.strides)
-        return _dispatch.strided_view(
-            self.array,
-            tuple(self.shape[d] for d in order),
-            tuple(strides[d] for d in order),
+
+def _reduce(
+    op: str, x: Any, dim: Dim, keepdim: bool, strategy: int, block: int | None
+) -> Any:
+    host = _dispatch.cpu_array(x)
+    if host is None:
+        return _reduce_gpu(op, x, dim, keepdim, strategy, block)
+    plan = reduce_plan(
+        op, host.shape, host.dtype, _dispatch.key(dim), keepdim, strategy, block
+    )
+    kernel_op = cpu_reduce.OPS[op]
+    launch = plan.launch
+    if plan.kind == "full":
+        value = cpu_reduce.full_reduce_kernel(
+            kernel_op,
+            host.reshape(plan.view),
+            launch.grid,
+            launch.block,
+            plan.strategy,
+            plan.start,
+            plan.parallel,
         )
+        # a value the kernel returned: made into the result, not written in
+        return np.array(value, plan.acc).reshape(plan.out_shape)
+    out = _dispatch.host_empty(plan.out_shape, plan.acc)
+    if plan.kind == "empty":
+        return out
+    xv = _dispatch.three_d(host, plan.dims, plan.view)
+    if plan.kind == "rows":
+        cpu_reduce.rows_kernel(
+            kernel_op,
+            xv,
+            out.reshape(-1),
+            launch.group,
+            plan.strategy,
+            plan.start,
+            plan.parallel,
+        )
+    else:
+        cpu_reduce.columns_kernel(
+            kernel_op,
+            xv,
+            out.reshape(plan.view[0], plan.view[2]),
+            launch.lanes,
+            plan.strategy,
+            plan.start,
+            plan.parallel,
+        )
+    return out
 
 
 def _flat(out: Any) -> Any:
@@ -97,62 +144,42 @@ def _flat(out: Any) -> Any:
     )
 
 
-def _reduce(
+def _reduce_gpu(
     op: str, x: Any, dim: Dim, keepdim: bool, strategy: int, block: int | None
 ) -> Any:
-    strategy = _launch.check_strategy(strategy)
-    block = _launch.check_block(block)
-    a = _Operand(x, "x")
-    a.check_dtype(REDUCE_DTYPES, f"softkern.{op}")
-    dims = _layout.normalize_dims(dim, len(a.shape))
-    out_shape = _layout.reduced_shape(a.shape, dims, bool(keepdim))
-    acc_dtype = cuda_reduce.acc_dtype(op, a.dtype)
-    if op != "sum":
-        for d in dims:
-            if a.shape[d] == 0:
-                raise IndexError(
-                    f"softkern.{op}: cannot reduce over dim {d} of size 0 "
-                    f"(x has shape {a.shape}); {op} of no elements is undefined"
-                )
-    native, out = a.empty(out_shape, acc_dtype)
-    if math.prod(out_shape) == 0:
+    a = _dispatch.Operand(x, "x")
+    plan = reduce_plan(
+        op, a.shape, a.dtype, _dispatch.key(dim), keepdim, strategy, block
+    )
+    native, out = a.empty(plan.out_shape, plan.acc)
+    if plan.kind == "empty":
         return native
-
-    ndim = len(a.shape)
-    if len(dims) == ndim:
-        _full(op, a, _flat(out), strategy, block)
-        return native
-
-    x3 = a.around(dims)
-    outer, n, inner = x3.shape
-    plan = _launch.dim_reduce_plan(outer, n, inner, block)
-    if plan.regime == "rows":
-        kx = _dispatch.strided_view(x3, (outer, n), x3.strides[:2])
-        kout = _flat(out)
-    else:
-        kx = x3
-        item = np.dtype(acc_dtype).itemsize
-        kout = _dispatch.strided_view(
-            out, (outer, inner), (inner * item, item), writeable=True
-        )
-    if a.call is None:
-        cpu_reduce.reduce_dim(op, kx, kout, plan, strategy)
-    else:
-        with a.call.on_device():
-            cuda_reduce.launch_dim(op, kx, kout, plan, strategy, a.call.stream)
-    return native
-
-
-def _full(op: str, a: _Operand, out: Any, strategy: int, block: int) -> None:
-    x1 = a.view([(0, len(a.shape))])
-    plan = _launch.full_reduce_plan(x1.shape[0], block)
-    if a.call is None:
-        out[0] = cpu_reduce.full_reduce(op, x1, plan, strategy)
-        return
+    stream = a.call.stream
     with a.call.on_device():
-        cuda_reduce.launch_full(
-            op, x1, out, plan, strategy, a.call.stream, lambda s, d: a.empty(s, d)[1]
-        )
+        if plan.kind == "full":
+            cuda_reduce.launch_full(
+                op,
+                a.view([(0, len(a.shape))]),
+                _flat(out),
+                plan.launch,
+                plan.strategy,
+                stream,
+                lambda s, d: a.empty(s, d)[1],
+            )
+            return native
+        x3 = a.around(plan.dims)
+        outer, n, inner = x3.shape
+        if plan.kind == "rows":
+            kx = _dispatch.strided_view(x3, (outer, n), x3.strides[:2])
+            kout = _flat(out)
+        else:
+            kx = x3
+            item = plan.acc.itemsize
+            kout = _dispatch.strided_view(
+                out, (outer, inner), (inner * item, item), writeable=True
+            )
+        cuda_reduce.launch_dim(op, kx, kout, plan.launch, plan.strategy, stream)
+    return native
 
 
 def sum(
@@ -200,42 +227,63 @@ def amin(
     return _reduce("amin", x, dim, keepdim, reduce, block)
 
 
+@_dispatch.plan_cache
+def dot_plan(
+    x_shape: tuple[int, ...],
+    x_dtype: np.dtype,
+    y_shape: tuple[int, ...],
+    y_dtype: np.dtype,
+    strategy: int,
+    block: int | None,
+) -> tuple[int, _launch.FullReducePlan, bool]:
+    """(strategy, launch plan, CPU threading) of a dot product, after
+    checking the operands."""
+    strategy = _launch.check_strategy(strategy)
+    block = _launch.check_block(block)
+    for name, shape, dtype in (("x", x_shape, x_dtype), ("y", y_shape, y_dtype)):
+        _dispatch.check_dtype(dtype, DOT_DTYPES, "softkern.dot", name)
+        if len(shape) != 1:
+            raise ValueError(f"softkern.dot: {name} must be 1-D, got shape {shape}")
+    if x_dtype != y_dtype:
+        raise TypeError(
+            f"softkern.dot: x and y must have one dtype, got {x_dtype} and {y_dtype}"
+        )
+    if x_shape != y_shape:
+        raise ValueError(
+            f"softkern.dot: x and y must have the same length, got {x_shape[0]} "
+            f"and {y_shape[0]}"
+        )
+    parallel = _launch.cpu_parallel(2 * x_shape[0] * x_dtype.itemsize)
+    return strategy, _launch.full_reduce_plan(x_shape[0], block), parallel
+
+
 def dot(x: Any, y: Any, *, reduce: int = 2, block: int | None = None) -> Any:
     """Dot product of two 1-D float vectors of one dtype, like ``torch.dot``.
 
     Each product is added with a fused multiply-add (one rounding), on both
     devices, so CPU and GPU agree bit for bit for the same `reduce`, `block`.
     """
-    strategy = _launch.check_strategy(reduce)
-    block = _launch.check_block(block)
-    _dispatch.device_of(x, y)
-    a, b = _Operand(x, "x"), _Operand(y, "y")
-    for v in (a, b):
-        v.check_dtype(DOT_DTYPES, "softkern.dot")
-        if len(v.shape) != 1:
-            raise ValueError(f"softkern.dot: {v.name} must be 1-D, got shape {v.shape}")
-    if a.dtype != b.dtype:
-        raise TypeError(
-            f"softkern.dot: x and y must have one dtype, got {a.dtype} and {b.dtype}"
-        )
-    if a.shape != b.shape:
-        raise ValueError(
-            f"softkern.dot: x and y must have the same length, got {a.shape[0]} "
-            f"and {b.shape[0]}"
-        )
+    if type(x) is not np.ndarray or type(y) is not np.ndarray:
+        if _dispatch.device_of(x, y) == "cuda":
+            return _dot_gpu(x, y, reduce, block)
+        x, y = np.asarray(x), np.asarray(y)
+    strategy, launch, parallel = dot_plan(
+        x.shape, x.dtype, y.shape, y.dtype, reduce, block
+    )
+    value = cpu_reduce.dot_kernel(x, y, launch.grid, launch.block, strategy, parallel)
+    return np.array(value, x.dtype)
+
+
+def _dot_gpu(x: Any, y: Any, reduce: int, block: int | None) -> Any:
+    a, b = _dispatch.Operand(x, "x"), _dispatch.Operand(y, "y")
+    strategy, launch, _ = dot_plan(a.shape, a.dtype, b.shape, b.dtype, reduce, block)
     native, out = a.empty((), a.dtype)
-    kout = _flat(out)
-    plan = _launch.full_reduce_plan(a.shape[0], block)
-    x1, y1 = a.view([(0, 1)]), b.view([(0, 1)])
-    if a.call is None:
-        kout[0] = cpu_reduce.dot(x1, y1, plan, strategy)
-        return native
     with a.call.on_device():
         cuda_reduce.launch_dot(
-            x1,
-            y1,
-            kout,
-            plan,
+            a.view([(0, 1)]),
+            b.view([(0, 1)]),
+            _flat(out),
+            launch,
             strategy,
             a.call.stream,
             lambda s, d: a.empty(s, d)[1],

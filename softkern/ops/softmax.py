@@ -3,21 +3,22 @@ dispatch to the CPU or GPU kernels."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from softkern import _dispatch, _launch, _layout
 from softkern.cpu import softmax as cpu_softmax
 from softkern.cuda import softmax as cuda_softmax
-from softkern.ops.reduce import _Operand
 
 FLOAT_NAMES = cuda_softmax.OUT_DTYPES  # float16, float32, float64
+FLOAT_TYPES = tuple(np.dtype(n).type for n in FLOAT_NAMES)
 DTypeLike = Any
+_FLOAT16 = np.dtype(np.float16)
+_FLOAT32 = np.dtype(np.float32)
 
 
 def _as_dtype(dtype: DTypeLike, fn: str) -> np.dtype:
@@ -35,18 +36,18 @@ def _as_dtype(dtype: DTypeLike, fn: str) -> np.dtype:
     return dtype
 
 
-def _out_dtype(a: _Operand, dtype: DTypeLike, fn: str) -> np.dtype:
+def _out_dtype(x_dtype: np.dtype, dtype: DTypeLike, fn: str) -> np.dtype:
     """The result dtype: `dtype` when given (x is cast to it before computing),
     else x's own dtype, which must be a float."""
     if dtype is not None:
         out = _as_dtype(dtype, fn)
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"{fn}: cannot cast x of dtype {a.dtype} to {out}")
+        if x_dtype.kind not in "biuf":
+            raise TypeError(f"{fn}: cannot cast x of dtype {x_dtype} to {out}")
         return out
-    if a.dtype.name in FLOAT_NAMES:
-        return a.dtype
+    if x_dtype.name in FLOAT_NAMES:
+        return x_dtype
     raise TypeError(
-        f"{fn}: x has dtype {a.dtype}, but softmax needs float16, float32 or "
+        f"{fn}: x has dtype {x_dtype}, but softmax needs float16, float32 or "
         f"float64 input; pass dtype=np.float32 (or np.float64) to cast it first"
     )
 
@@ -67,15 +68,10 @@ def legacy_softmax_dim(ndim: int, fn: str) -> int:
 
 def _contiguous_view(out: Any, shape: tuple[int, ...]) -> Any:
     """A C-contiguous array (`out`) seen with another `shape` of equal size."""
+    if isinstance(out, np.ndarray):
+        return out.reshape(shape)
     strides = _dispatch._c_strides(shape, np.dtype(out.dtype).itemsize)
     return _dispatch.strided_view(out, shape, strides, writeable=True)
-
-
-def _three_d(a: _Operand, dims: tuple[int, ...]) -> Any:
-    """x as (outer, n, inner) around `dims`; a 0-d x (no dims) as (1, 1, 1)."""
-    if not a.shape:
-        return _dispatch.strided_view(a.array, (1, 1, 1), (0, 0, 0))
-    return a.around(dims)
 
 
 def _rows(x3: Any, writeable: bool = False) -> Any:
@@ -83,69 +79,143 @@ def _rows(x3: Any, writeable: bool = False) -> Any:
     return _dispatch.strided_view(x3, x3.shape[:2], x3.strides[:2], writeable=writeable)
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    """`a` as a read-only array (a view). Every CPU kernel input is read-only,
-    as the views of the caller's arrays are, so Numba compiles one version
-    of a kernel, not one per writeable flag (seconds each, on a cold cache)."""
-    a = np.asarray(a)
-    if a.flags.writeable:
-        a = a.view()
-        a.flags.writeable = False
-    return a
+def _cpu_casts(x_dtype: np.dtype, out_dtype: np.dtype) -> tuple[np.dtype, ...]:
+    """The casts a CPU kernel's input goes through first: ``dtype=float16``
+    rounds x to float16 first, as PyTorch does; and Numba has no float16
+    arithmetic on the CPU, so float16 is widened to float32 (a copy, for
+    float16 only)."""
+    casts = []
+    if out_dtype == _FLOAT16 and x_dtype != _FLOAT16:
+        casts.append(_FLOAT16)
+    if out_dtype == _FLOAT16 or x_dtype == _FLOAT16:
+        casts.append(_FLOAT32)
+    return tuple(casts)
 
 
-@contextlib.contextmanager
-def _computed_in(out: np.ndarray, acc: np.dtype) -> Iterator[np.ndarray]:
+def cpu_input(x: np.ndarray, casts: tuple[np.dtype, ...]) -> np.ndarray:
+    """`x` after `casts` (see ``_cpu_casts``)."""
+    if casts:
+        with np.errstate(over="ignore"):  # too large for float16: inf
+            for dtype in casts:
+                x = x.astype(dtype)
+    return x
+
+
+def cpu_target(out: np.ndarray, acc: np.dtype) -> np.ndarray:
     """The array a CPU kernel writes for `out`: `out` itself, or, when `out`
     is float16 (which Numba cannot store on the CPU), an `acc` (float32)
-    array that is rounded into `out` when the block ends."""
+    array that ``cpu_store`` rounds into `out` afterwards."""
     if out.dtype == acc:
-        yield out
+        return out
+    return _dispatch.host_empty(out.shape, acc)
+
+
+def cpu_store(out: np.ndarray, target: np.ndarray) -> None:
+    if target is not out:
+        out[...] = target
+
+
+class SoftmaxCall(NamedTuple):
+    """A softmax-family call for one argument shape: the shared plan, the
+    result and compute dtypes, and what the CPU kernels need (the view of x
+    they read, the casts first, -inf of the compute type, threading)."""
+
+    plan: _launch.SoftmaxPlan
+    strategy: int
+    out_dtype: np.dtype
+    acc: np.dtype
+    lowest: np.generic
+    casts: tuple[np.dtype, ...]
+    view: tuple[int, ...]
+    size: int
+    parallel: bool
+
+
+def _softmax_call(
+    plan: _launch.SoftmaxPlan,
+    strategy: int,
+    x_dtype: np.dtype,
+    out_dtype: np.dtype,
+    size: int,
+) -> SoftmaxCall:
+    acc = _launch.softmax_acc_dtype(out_dtype)
+    if plan.cpu_regime == "rows":
+        view: tuple[int, ...] = (plan.outer, plan.n)
     else:
-        wide = np.empty(out.shape, acc)
-        yield wide
-        out[...] = wide
+        view = (plan.outer, plan.n, plan.inner)
+    return SoftmaxCall(
+        plan=plan,
+        strategy=_launch.check_strategy(strategy),
+        out_dtype=out_dtype,
+        acc=acc,
+        lowest=acc.type(-np.inf),
+        casts=_cpu_casts(x_dtype, out_dtype),
+        view=view,
+        size=size,
+        parallel=_launch.cpu_parallel(size * x_dtype.itemsize),
+    )
 
 
-def _cpu_input(x3: np.ndarray) -> np.ndarray:
-    # Numba has no float16 arithmetic on the CPU: float16 input is widened
-    # first (a copy, for float16 only).
-    return _frozen(x3.astype(np.float32) if x3.dtype == np.float16 else x3)
+@_dispatch.plan_cache
+def forward_plan(
+    kind: str,
+    shape: tuple[int, ...],
+    x_dtype: np.dtype,
+    dim: int,
+    dtype: DTypeLike,
+    strategy: int,
+    block: int | None,
+) -> SoftmaxCall:
+    fn = f"softkern.{kind}"
+    _launch.check_strategy(strategy)
+    out_dtype = _out_dtype(x_dtype, dtype, fn)
+    plan = _launch.softmax_plan(shape, dim, out_dtype, block)
+    return _softmax_call(plan, strategy, x_dtype, out_dtype, math.prod(shape))
 
 
-def _given_out(a: _Operand, out: Any, dtype: np.dtype, fn: str) -> tuple[Any, Any]:
-    """(native, kernel view) of a caller's `out=` array, checked."""
-    if isinstance(out, (int, float, complex, bool, list, tuple)):
-        raise TypeError(f"{fn}: out must be an array, got {type(out).__name__}")
-    o = _Operand(out, "out")
-    if o.device != a.device:
-        raise TypeError(
-            f"{fn}: x is on the {a.device.upper()} but out is on the "
-            f"{o.device.upper()}; pass them on one device"
+def _host_out(x: np.ndarray, out: Any, dtype: np.dtype, fn: str) -> np.ndarray:
+    """A caller's CPU `out=` array, checked."""
+    if type(out) is not np.ndarray:
+        if isinstance(out, (int, float, complex, bool, list, tuple)):
+            raise TypeError(f"{fn}: out must be an array, got {type(out).__name__}")
+        if _dispatch.device_of(out) != "cpu":
+            raise TypeError(
+                f"{fn}: x is on the CPU but out is on the CUDA; pass them on one device"
+            )
+        out = np.asarray(out)
+    _check_out(out.shape, out.dtype, out.strides, x.shape, dtype, fn)
+    if not out.flags.writeable:
+        raise ValueError(f"{fn}: out is read-only")
+    # Each element is read before it is written in every kernel, so x
+    # itself may be out; any other overlap would read results as input.
+    if out is not x and np.may_share_memory(out, x):
+        same = (
+            out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+            and out.strides == x.strides
         )
-    if o.shape != a.shape:
-        raise ValueError(f"{fn}: out must have shape {a.shape}, got {o.shape}")
-    if o.dtype != dtype:
-        raise TypeError(f"{fn}: out must have dtype {dtype}, got {o.dtype}")
-    c_strides = _dispatch._c_strides(o.shape, dtype.itemsize)
+        if not same and np.shares_memory(out, x):
+            raise ValueError(f"{fn}: out overlaps x (only out=x itself is allowed)")
+    return out
+
+
+def _check_out(
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    strides: tuple[int, ...],
+    x_shape: tuple[int, ...],
+    want: np.dtype,
+    fn: str,
+) -> None:
+    if shape != x_shape:
+        raise ValueError(f"{fn}: out must have shape {x_shape}, got {shape}")
+    if dtype != want:
+        raise TypeError(f"{fn}: out must have dtype {want}, got {dtype}")
+    c_strides = _dispatch._c_strides(shape, want.itemsize)
     if any(
-        size > 1 and stride != want
-        for size, stride, want in zip(o.shape, o.array.strides, c_strides, strict=True)
+        size > 1 and stride != c
+        for size, stride, c in zip(shape, strides, c_strides, strict=True)
     ):
         raise ValueError(f"{fn}: out must be C-contiguous")
-    if o.call is None:
-        if not o.array.flags.writeable:
-            raise ValueError(f"{fn}: out is read-only")
-        # Each element is read before it is written in every kernel, so x
-        # itself may be out; any other overlap would read results as input.
-        same = (
-            o.array.__array_interface__["data"][0]
-            == a.array.__array_interface__["data"][0]
-            and o.array.strides == a.array.strides
-        )
-        if not same and np.shares_memory(o.array, a.array):
-            raise ValueError(f"{fn}: out overlaps x (only out=x itself is allowed)")
-    return out, o.array
 
 
 def _forward(
@@ -157,42 +227,81 @@ def _forward(
     strategy: int,
     block: int | None,
 ) -> Any:
+    host = _dispatch.cpu_array(x)
+    if host is None:
+        return _forward_gpu(kind, x, dim, dtype, out, strategy, block)
     fn = f"softkern.{kind}"
-    strategy = _launch.check_strategy(strategy)
-    a = _Operand(x, "x")
-    out_dtype = _out_dtype(a, dtype, fn)
+    if dim is None:
+        dim = legacy_softmax_dim(host.ndim, fn)
+    call = forward_plan(kind, host.shape, host.dtype, dim, dtype, strategy, block)
+    if out is None:
+        out = _dispatch.host_empty(host.shape, call.out_dtype)
+    else:
+        out = _host_out(host, out, call.out_dtype, fn)
+    if call.size == 0:
+        return out
+    x3 = cpu_input(host.reshape(call.view), call.casts)
+    target = cpu_target(out, call.acc)
+    log = kind == "log_softmax"
+    if call.plan.cpu_regime == "rows":
+        cpu_softmax.rows(x3, target.reshape(call.view), log, call.lowest, call.parallel)
+    else:
+        cpu_softmax.columns(
+            x3,
+            target.reshape(call.view),
+            call.plan.cpu_strip,
+            log,
+            call.lowest,
+            call.parallel,
+        )
+    cpu_store(out, target)
+    return out
+
+
+def _forward_gpu(
+    kind: str,
+    x: Any,
+    dim: int | None,
+    dtype: DTypeLike,
+    out: Any,
+    strategy: int,
+    block: int | None,
+) -> Any:
+    fn = f"softkern.{kind}"
+    a = _dispatch.Operand(x, "x")
     if dim is None:
         dim = legacy_softmax_dim(len(a.shape), fn)
-    plan = _launch.softmax_plan(a.shape, dim, out_dtype, block)
+    call = forward_plan(kind, a.shape, a.dtype, dim, dtype, strategy, block)
+    plan = call.plan
     if out is None:
-        native, out = a.empty(a.shape, out_dtype)
+        native, out = a.empty(a.shape, call.out_dtype)
     else:
-        native, out = _given_out(a, out, out_dtype, fn)
-    if math.prod(a.shape) == 0:
+        native, out = _gpu_out(a, out, call.out_dtype, fn)
+    if call.size == 0:
         return native
-    x3 = _three_d(a, (plan.dim,))
-    shape3 = (plan.outer, plan.n, plan.inner)
-    log = kind == "log_softmax"
-    if a.call is None:
-        if out_dtype != x3.dtype and out_dtype.itemsize < 4:
-            with np.errstate(over="ignore"):  # too large for float16: inf
-                x3 = x3.astype(out_dtype)  # dtype= casts first, as PyTorch does
-        x3 = _cpu_input(x3)
-        acc = _launch.softmax_acc_dtype(out_dtype)
-        kernels = cpu_softmax.kernels(acc.name)
-        with _computed_in(out, acc) as target:
-            out3 = _contiguous_view(target, shape3)
-            if plan.cpu_regime == "rows":
-                kernels["rows"](_rows(x3), _rows(out3, True), log)
-            else:
-                kernels["columns"](x3, out3, plan.cpu_strip, log)
-        return native
-    out3 = _contiguous_view(out, shape3)
+    x3 = a.around((plan.dim,))
+    out3 = _contiguous_view(out, (plan.outer, plan.n, plan.inner))
     if plan.regime != "columns":
         x3, out3 = _rows(x3), _rows(out3, True)
     with a.call.on_device():
-        cuda_softmax.launch_forward(kind, x3, out3, plan, strategy, a.call.stream)
+        cuda_softmax.launch_forward(kind, x3, out3, plan, call.strategy, a.call.stream)
     return native
+
+
+def _gpu_out(
+    a: _dispatch.Operand, out: Any, dtype: np.dtype, fn: str
+) -> tuple[Any, Any]:
+    """(native, kernel view) of a caller's GPU `out=` array, checked."""
+    if isinstance(out, (int, float, complex, bool, list, tuple)):
+        raise TypeError(f"{fn}: out must be an array, got {type(out).__name__}")
+    o = _dispatch.Operand(out, "out")
+    if o.device != a.device:
+        raise TypeError(
+            f"{fn}: x is on the {a.device.upper()} but out is on the "
+            f"{o.device.upper()}; pass them on one device"
+        )
+    _check_out(o.shape, o.dtype, tuple(o.array.strides), a.shape, dtype, fn)
+    return out, o.array
 
 
 def softmax(
@@ -237,6 +346,50 @@ def log_softmax(
     return _forward("log_softmax", x, dim, dtype, out, reduce, block)
 
 
+class LogsumexpCall(NamedTuple):
+    """logsumexp of one argument shape: reduced dims, result shape, the
+    shared plan over (outer, n, inner) and the CPU kernels' view."""
+
+    dims: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    call: SoftmaxCall
+
+
+@_dispatch.plan_cache
+def logsumexp_plan(
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    dim: int | Sequence[int],
+    keepdim: bool,
+    strategy: int,
+    block: int | None,
+) -> LogsumexpCall:
+    fn = "softkern.logsumexp"
+    _launch.check_strategy(strategy)
+    if dtype.name in FLOAT_NAMES:
+        out_dtype = dtype
+    elif dtype.kind in "biu":
+        out_dtype = _FLOAT32
+    else:
+        raise TypeError(f"{fn}: x has dtype {dtype}; expected a real dtype")
+    if dim is None:
+        raise TypeError(f"{fn}: dim is required (an int or a tuple of ints)")
+    dims = _layout.normalize_dims(dim, len(shape))
+    out_shape = _layout.reduced_shape(shape, dims, bool(keepdim))
+    size = math.prod(shape)
+    if not dims:  # a 0-d x: one slice of one element
+        outer, n, inner = 1, 1, 1
+    elif _layout.is_consecutive(dims):
+        outer, n, inner = _layout.outer_n_inner(shape, dims)
+    else:  # the reduced dims are moved last: rows of n elements
+        n = math.prod(shape[d] for d in dims)
+        outer = math.prod(s for d, s in enumerate(shape) if d not in dims)
+        inner = 1
+    plan = _launch.softmax_plan((outer, n, inner), 1, out_dtype, block)
+    call = _softmax_call(plan, strategy, dtype, out_dtype, size)
+    return LogsumexpCall(dims, out_shape, call)
+
+
 def logsumexp(
     x: Any,
     dim: int | Sequence[int],
@@ -249,42 +402,82 @@ def logsumexp(
     ``torch.logsumexp``: stable, +inf where any element is +inf, -inf for
     empty slices and slices of -inf, NaN where a NaN is. Integer and bool
     input computes in float32, as PyTorch's default dtype."""
-    fn = "softkern.logsumexp"
-    strategy = _launch.check_strategy(reduce)
-    a = _Operand(x, "x")
-    if a.dtype.name in FLOAT_NAMES:
-        out_dtype = a.dtype
-    elif a.dtype.kind in "biu":
-        out_dtype = np.dtype(np.float32)
+    host = _dispatch.cpu_array(x)
+    if host is None:
+        return _logsumexp_gpu(x, dim, keepdim, reduce, block)
+    lse = logsumexp_plan(
+        host.shape, host.dtype, _dispatch.key(dim), keepdim, reduce, block
+    )
+    call = lse.call
+    out = _dispatch.host_empty(lse.out_shape, call.out_dtype)
+    if math.prod(lse.out_shape) == 0:
+        return out
+    x3 = cpu_input(_dispatch.three_d(host, lse.dims, call.view), call.casts)
+    plan = call.plan
+    target = cpu_target(out, call.acc)
+    if plan.cpu_regime == "rows":
+        cpu_softmax.logsumexp_rows(x3, target.reshape(-1), call.lowest, call.parallel)
     else:
-        raise TypeError(f"{fn}: x has dtype {a.dtype}; expected a real dtype")
-    if dim is None:
-        raise TypeError(f"{fn}: dim is required (an int or a tuple of ints)")
-    dims = _layout.normalize_dims(dim, len(a.shape))
-    out_shape = _layout.reduced_shape(a.shape, dims, bool(keepdim))
-    native, out = a.empty(out_shape, out_dtype)
-    if math.prod(out_shape) == 0:
+        cpu_softmax.logsumexp_columns(
+            x3,
+            target.reshape(plan.outer, plan.inner),
+            plan.cpu_strip,
+            call.lowest,
+            call.parallel,
+        )
+    cpu_store(out, target)
+    return out
+
+
+def _logsumexp_gpu(
+    x: Any, dim: Any, keepdim: bool, strategy: int, block: int | None
+) -> Any:
+    a = _dispatch.Operand(x, "x")
+    lse = logsumexp_plan(a.shape, a.dtype, _dispatch.key(dim), keepdim, strategy, block)
+    call, plan = lse.call, lse.call.plan
+    native, out = a.empty(lse.out_shape, call.out_dtype)
+    if math.prod(lse.out_shape) == 0:
         return native
-    x3 = _three_d(a, dims)
-    outer, n, inner = x3.shape
-    plan = _launch.softmax_plan((outer, n, inner), 1, out_dtype, block)
-    out2 = _contiguous_view(out, (outer, inner))
-    if a.call is None:
-        x3 = _cpu_input(x3)
-        acc = _launch.softmax_acc_dtype(out_dtype)
-        kernels = cpu_softmax.kernels(acc.name)
-        with _computed_in(out2, acc) as target:
-            if inner == 1:
-                kernels["logsumexp_rows"](_rows(x3), target[:, 0])
-            else:
-                kernels["logsumexp_columns"](x3, target, plan.cpu_strip)
-        return native
+    x3 = a.around(lse.dims)
+    out2 = _contiguous_view(out, (plan.outer, plan.inner))
     if plan.regime != "columns":
         x3 = _rows(x3)
-        out2 = _dispatch.strided_view(out2, (outer,), out2.strides[:1], writeable=True)
+        out2 = _dispatch.strided_view(
+            out2, (plan.outer,), out2.strides[:1], writeable=True
+        )
     with a.call.on_device():
-        cuda_softmax.launch_logsumexp(x3, out2, plan, strategy, a.call.stream)
+        cuda_softmax.launch_logsumexp(x3, out2, plan, call.strategy, a.call.stream)
     return native
+
+
+@_dispatch.plan_cache
+def backward_plan(
+    kind: str,
+    g_shape: tuple[int, ...],
+    g_dtype: np.dtype,
+    y_shape: tuple[int, ...],
+    y_dtype: np.dtype,
+    dim: int,
+    strategy: int,
+    block: int | None,
+) -> SoftmaxCall:
+    fn = f"softkern.{kind}"
+    _launch.check_strategy(strategy)
+    for name, dtype in (("grad_output", g_dtype), ("output", y_dtype)):
+        _dispatch.check_dtype(dtype, FLOAT_TYPES, fn, name)
+    if g_dtype != y_dtype:
+        raise TypeError(
+            f"{fn}: grad_output and output must have one dtype, got {g_dtype} "
+            f"and {y_dtype}"
+        )
+    if g_shape != y_shape:
+        raise ValueError(
+            f"{fn}: grad_output has shape {g_shape} but output has shape {y_shape}"
+        )
+    if dim is None:
+        raise TypeError(f"{fn}: dim is required")
+    plan = _launch.softmax_plan(g_shape, dim, g_dtype, block)
+    return _softmax_call(plan, strategy, g_dtype, g_dtype, math.prod(g_shape))
 
 
 def _backward(
@@ -295,47 +488,53 @@ def _backward(
     strategy: int,
     block: int | None,
 ) -> Any:
-    fn = f"softkern.{kind}"
-    strategy = _launch.check_strategy(strategy)
-    _dispatch.device_of(grad_output, output)
-    g, y = _Operand(grad_output, "grad_output"), _Operand(output, "output")
-    allowed = tuple(np.dtype(n).type for n in FLOAT_NAMES)
-    for v in (g, y):
-        v.check_dtype(allowed, fn)
-    if g.dtype != y.dtype:
-        raise TypeError(
-            f"{fn}: grad_output and output must have one dtype, got {g.dtype} "
-            f"and {y.dtype}"
-        )
-    if g.shape != y.shape:
-        raise ValueError(
-            f"{fn}: grad_output has shape {g.shape} but output has shape {y.shape}"
-        )
-    if dim is None:
-        raise TypeError(f"{fn}: dim is required")
-    plan = _launch.softmax_plan(g.shape, dim, g.dtype, block)
-    native, out = g.empty(g.shape, g.dtype)
-    if math.prod(g.shape) == 0:
-        return native
-    g3, y3 = _three_d(g, (plan.dim,)), _three_d(y, (plan.dim,))
-    shape3 = (plan.outer, plan.n, plan.inner)
+    if type(grad_output) is not np.ndarray or type(output) is not np.ndarray:
+        if _dispatch.device_of(grad_output, output) == "cuda":
+            return _backward_gpu(kind, grad_output, output, dim, strategy, block)
+        grad_output, output = np.asarray(grad_output), np.asarray(output)
+    g, y = grad_output, output
+    call = backward_plan(kind, g.shape, g.dtype, y.shape, y.dtype, dim, strategy, block)
+    out = _dispatch.host_empty(g.shape, g.dtype)
+    if call.size == 0:
+        return out
+    g3 = cpu_input(g.reshape(call.view), call.casts)
+    y3 = cpu_input(y.reshape(call.view), call.casts)
+    target = cpu_target(out, call.acc)
     log = kind == "log_softmax_backward"
-    if g.call is None:
-        g3, y3 = _cpu_input(g3), _cpu_input(y3)
-        acc = _launch.softmax_acc_dtype(g.dtype)
-        kernels = cpu_softmax.kernels(acc.name)
-        with _computed_in(out, acc) as target:
-            out3 = _contiguous_view(target, shape3)
-            if plan.cpu_regime == "rows":
-                kernels["rows_backward"](_rows(g3), _rows(y3), _rows(out3, True), log)
-            else:
-                kernels["columns_backward"](g3, y3, out3, plan.cpu_strip, log)
+    out3 = target.reshape(call.view)
+    if call.plan.cpu_regime == "rows":
+        cpu_softmax.rows_backward(g3, y3, out3, log, call.lowest, call.parallel)
+    else:
+        cpu_softmax.columns_backward(
+            g3, y3, out3, call.plan.cpu_strip, log, call.lowest, call.parallel
+        )
+    cpu_store(out, target)
+    return out
+
+
+def _backward_gpu(
+    kind: str,
+    grad_output: Any,
+    output: Any,
+    dim: int,
+    strategy: int,
+    block: int | None,
+) -> Any:
+    g = _dispatch.Operand(grad_output, "grad_output")
+    y = _dispatch.Operand(output, "output")
+    call = backward_plan(kind, g.shape, g.dtype, y.shape, y.dtype, dim, strategy, block)
+    plan = call.plan
+    native, out = g.empty(g.shape, g.dtype)
+    if call.size == 0:
         return native
-    out3 = _contiguous_view(out, shape3)
+    g3, y3 = g.around((plan.dim,)), y.around((plan.dim,))
+    out3 = _contiguous_view(out, (plan.outer, plan.n, plan.inner))
     if plan.regime != "columns":
         g3, y3, out3 = _rows(g3), _rows(y3), _rows(out3, True)
     with g.call.on_device():
-        cuda_softmax.launch_backward(kind, g3, y3, out3, plan, strategy, g.call.stream)
+        cuda_softmax.launch_backward(
+            kind, g3, y3, out3, plan, call.strategy, g.call.stream
+        )
     return native
 
 

@@ -1,5 +1,6 @@
 """Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py,
-bench/bench_softmax.py, bench/bench_broadcast.py and bench/bench_losses.py.
+bench/bench_softmax.py, bench/bench_broadcast.py, bench/bench_losses.py and
+bench/bench_small.py.
 
     python bench/table.py RESULTS.json [--device cpu] > table.md
     python bench/table.py RESULTS.json [--device cpu] --readme README.md
@@ -11,7 +12,8 @@ row belongs to is read from the JSON (``--bench`` picks one when a file holds
 several). With ``--readme`` each benchmark's tables replace whatever lies
 between its markers in that file (``MARKERS``: ``<!-- bench:reduce:start -->``
 ... ``<!-- bench:reduce:end -->``, and the same with ``softmax``,
-``broadcast`` and ``losses``); a file without them is left untouched.
+``broadcast``, ``losses`` and ``small``); a file without them is left
+untouched.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ BROADCAST_START = "<!-- bench:broadcast:start -->"
 BROADCAST_END = "<!-- bench:broadcast:end -->"
 LOSSES_START = "<!-- bench:losses:start -->"
 LOSSES_END = "<!-- bench:losses:end -->"
+SMALL_START = "<!-- bench:small:start -->"
+SMALL_END = "<!-- bench:small:end -->"
 MARKERS = {
     "reduce": (START, END),
     "softmax": (SOFTMAX_START, SOFTMAX_END),
     "broadcast": (BROADCAST_START, BROADCAST_END),
     "losses": (LOSSES_START, LOSSES_END),
+    "small": (SMALL_START, SMALL_END),
 }
 BENCHES = tuple(MARKERS)
 
@@ -539,6 +544,101 @@ def render_broadcast(
     )
 
 
+# Small calls (bench_small.py): softkern against the faster of NumPy and
+# PyTorch, per function and size; and the busy group.
+SMALL_NOTE = (
+    "- Times are per call, in microseconds: the min over the rounds, float32 "
+    "input, every implementation allocating its result. `x peer` = "
+    "softkern's time / the faster of NumPy's and PyTorch's (named): below 1 "
+    "is faster than both. Targets: 3x at 32x10, 1x from 1e5 elements up "
+    "(256x1000); a cell over its target is marked with `!`."
+)
+SMALL_TARGETS = {320: 3.0, 10_000: None, 256_000: 1.0}
+
+
+def fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def _small_cell(by_impl: dict[str, dict[str, Any]], n: int) -> tuple[str, str]:
+    """(softkern's time, its ratio to the faster peer, named) of one group."""
+    sk = by_impl.get("softkern")
+    peers = [(b["stats"]["min"], k) for k, b in by_impl.items() if k != "softkern"]
+    if sk is None or not peers:
+        return "n/a", "n/a"
+    best, name = min(peers)
+    ratio = sk["stats"]["min"] / best
+    target = SMALL_TARGETS.get(n)
+    mark = "!" if target is not None and ratio > target else ""
+    return fmt_us(sk["stats"]["min"]), f"{ratio:.2f}{mark} ({name})"
+
+
+def small_summary_table(benches: Sequence[dict[str, Any]]) -> list[str]:
+    groups: dict[str, dict[int, dict[str, dict[str, Any]]]] = {}
+    sizes: list[tuple[int, str]] = []
+    for b in benches:
+        info = b["extra_info"]
+        if info.get("load"):
+            continue
+        n = info.get("n", 0)
+        if (n, _shape(info)) not in sizes:
+            sizes.append((n, _shape(info)))
+        groups.setdefault(info["function"], {}).setdefault(n, {})[info["impl"]] = b
+    sizes.sort()
+    head = ["function"]
+    for _, label in sizes:
+        head += [f"{label} us", f"{label} x peer"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for function, by_size in groups.items():
+        cells = [function]
+        for n, _ in sizes:
+            cells += _small_cell(by_size.get(n, {}), n)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def busy_table(benches: Sequence[dict[str, Any]]) -> list[str]:
+    """softkern and PyTorch on an idle machine and with one core busy."""
+    rows = [b for b in benches if b["extra_info"].get("load")]
+    if not rows:
+        return []
+    by = {(b["extra_info"]["impl"], b["extra_info"]["load"]): b for b in rows}
+    lines = [
+        "| softmax 1000x1000 float32 | softkern min ms | softkern median ms | "
+        "torch min ms | torch median ms | softkern / torch (median) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for load in ("idle", "busy"):
+        sk, torch = by.get(("softkern", load)), by.get(("torch", load))
+        if sk is None or torch is None:
+            continue
+        ratio = sk["stats"]["median"] / torch["stats"]["median"]
+        lines.append(
+            f"| {load} | {fmt_ms(sk['stats']['min'])} | "
+            f"{fmt_ms(sk['stats']['median'])} | {fmt_ms(torch['stats']['min'])} | "
+            f"{fmt_ms(torch['stats']['median'])} | {ratio:.2f} |"
+        )
+    return lines
+
+
+def render_small(
+    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+) -> str:
+    out = [*header(data, {"cpu"}, SMALL_NOTE, _row_versions(benches)), ""]
+    out += [*small_summary_table(benches), ""]
+    busy = busy_table(benches)
+    if busy:
+        out += [
+            "With another process keeping one core busy (`python -c 'while "
+            "True: pass'`), medians, since a stall shows in the typical call:",
+            "",
+            *busy,
+            "",
+        ]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def select(
     data: dict[str, Any], device: str | None, bench: str | None = None
 ) -> list[dict[str, Any]]:
@@ -580,6 +680,8 @@ def render(
         return render_broadcast(data, benches, summary)
     if bench == "losses":
         return render_losses(data, benches, summary)
+    if bench == "small":
+        return render_small(data, benches, summary)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for b in benches:
         groups.setdefault(_group_key(b), []).append(b)

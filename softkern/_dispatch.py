@@ -233,9 +233,10 @@ def check_dtype(dtype: np.dtype, allowed: tuple, what: str, name: str) -> None:
         raise TypeError(f"{what}: {name} has dtype {dtype}; supported: {names}")
 
 
-def three_d(x: np.ndarray, dims: tuple[int, ...], shape3: tuple[int, int, int]):
+def three_d(x: np.ndarray, dims: tuple[int, ...], shape3: tuple[int, ...]):
     """A NumPy array as the (outer, n, inner) view around `dims` (sorted; a
-    0-d array has none): a view when the strides allow, else a copy, as
+    0-d array has none), of ``_layout.around_sizes`` (or (outer, n) when
+    inner is 1): a view when the strides allow, else a copy, as
     ``np.reshape`` decides. Dims that are not consecutive move last first."""
     if dims and not _layout.is_consecutive(dims):
         kept = [d for d in range(x.ndim) if d not in dims]

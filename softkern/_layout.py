@@ -69,6 +69,18 @@ def outer_n_inner(
     )
 
 
+def around_sizes(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[int, int, int]:
+    """Sizes of the (outer, n, inner) view around the sorted `dims` that
+    ``_dispatch.three_d`` makes: dims apart are moved last first (inner 1);
+    no dims (a 0-d array) is one slice of one element."""
+    if not dims:
+        return 1, 1, 1
+    if is_consecutive(dims):
+        return outer_n_inner(shape, dims)
+    n = math.prod(shape[d] for d in dims)
+    return math.prod(s for d, s in enumerate(shape) if d not in dims), n, 1
+
+
 def merge_strides(
     shape: tuple[int, ...],
     strides: tuple[int, ...],

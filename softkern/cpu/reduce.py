@@ -43,6 +43,10 @@ ACC_TILE_BYTES = 128 * 1024
 # Columns per work item in the column regime: a few KiB of accumulators per
 # item, enough to stream whole cache lines of every row.
 COLUMN_CHUNK = 1024
+# Parallel column reductions want at least this many tiles, and a tile at
+# least this many columns (a few cache lines of every row).
+COLUMN_ITEMS = 8
+COLUMN_MIN = 64
 # Row regime work items: enough for any core count; each reuses one scratch.
 ROW_CHUNKS = 256
 # Work items of a full reduction folding its blocks straight from x.
@@ -404,14 +408,14 @@ def rows_kernel(op, x, out, group, strategy, start, parallel):
 
 
 @njit(inline="always", cache=True)
-def reduce_column_tile(op, x, out, item, tiles, lanes, strategy, start):
-    """Work item `item` of the column regime: COLUMN_CHUNK columns of one
-    outer slice; part r of column c folds x[o, r::lanes, c], as
+def reduce_column_tile(op, x, out, item, tiles, chunk, lanes, strategy, start):
+    """Work item `item` of the column regime: `chunk` columns of one outer
+    slice; part r of column c folds x[o, r::lanes, c], as
     ``cuda.reduce.columns_kernel``, then the parts fold."""
     n, inner = x.shape[1], x.shape[2]
     o = item // tiles
-    lo = (item % tiles) * COLUMN_CHUNK
-    width = min(COLUMN_CHUNK, inner - lo)
+    lo = (item % tiles) * chunk
+    width = min(chunk, inner - lo)
     p = np.full((lanes, width), start)
     for i in range(n):
         r = i % lanes
@@ -426,15 +430,22 @@ def reduce_column_tile(op, x, out, item, tiles, lanes, strategy, start):
 @parallel_kernel()
 def columns_kernel(op, x, out, lanes, strategy, start, parallel):
     """The middle axis of an (outer, n, inner) view into out[outer, inner],
-    as ``columns_kernel`` on the GPU; tiles in parallel when `parallel`."""
+    as ``columns_kernel`` on the GPU; tiles in parallel when `parallel`.
+    Each column folds on its own, so a tile may hold any columns: when
+    COLUMN_CHUNK would leave fewer than COLUMN_ITEMS tiles for the threads
+    to share, they are cut narrower (down to COLUMN_MIN columns)."""
     outer, inner = x.shape[0], x.shape[2]
-    tiles = (inner + COLUMN_CHUNK - 1) // COLUMN_CHUNK
+    chunk = COLUMN_CHUNK
+    if parallel and outer * ((inner + chunk - 1) // chunk) < COLUMN_ITEMS:
+        share = (inner + COLUMN_ITEMS - 1) // COLUMN_ITEMS
+        chunk = max(COLUMN_MIN, (share + 15) // 16 * 16)  # whole cache lines
+    tiles = (inner + chunk - 1) // chunk
     if parallel:
         for item in prange(outer * tiles):
-            reduce_column_tile(op, x, out, item, tiles, lanes, strategy, start)
+            reduce_column_tile(op, x, out, item, tiles, chunk, lanes, strategy, start)
     else:
         for item in range(outer * tiles):
-            reduce_column_tile(op, x, out, item, tiles, lanes, strategy, start)
+            reduce_column_tile(op, x, out, item, tiles, chunk, lanes, strategy, start)
 
 
 def start_of(op: str, dtype: np.dtype) -> np.generic:

@@ -176,6 +176,34 @@ def loss_plan(
     )
 
 
+def plan_of(
+    fn: str,
+    probabilities: bool,
+    x: Any,
+    t: Any,
+    w: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    block: int | None,
+) -> LossPlan:
+    """``loss_plan`` of operands given as anything with a shape and a dtype
+    (NumPy arrays, or ``_dispatch.Operand``s of device arrays)."""
+    return loss_plan(
+        fn,
+        probabilities,
+        x.shape,
+        x.dtype,
+        t.shape,
+        t.dtype,
+        None if w is None else (w.shape, w.dtype),
+        ignore_index,
+        reduction,
+        label_smoothing,
+        block,
+    )
+
+
 def _raise_bad_target(p: LossPlan, value: int) -> None:
     raise IndexError(
         f"{p.fn}: target {int(value)} is out of bounds for {p.classes} "
@@ -332,10 +360,6 @@ def _host_operands(*values: Any) -> tuple[Any, ...] | None:
     return tuple(None if v is None else np.asarray(v) for v in values)
 
 
-def _weight_key(w: Any) -> tuple[tuple[int, ...], np.dtype] | None:
-    return None if w is None else (w.shape, w.dtype)
-
-
 # --- GPU ---------------------------------------------------------------------
 
 
@@ -364,18 +388,8 @@ def _gpu_loss(
     a = _dispatch.Operand(input, "input")
     t = _dispatch.Operand(target, "target")
     w = None if weight is None else _dispatch.Operand(weight, "weight")
-    p = loss_plan(
-        fn,
-        probabilities,
-        a.shape,
-        a.dtype,
-        t.shape,
-        t.dtype,
-        None if w is None else (w.shape, w.dtype),
-        ignore_index,
-        reduction,
-        label_smoothing,
-        block,
+    p = plan_of(
+        fn, probabilities, a, t, w, ignore_index, reduction, label_smoothing, block
     )
     if p.kind == "probs":
         target3 = t.around((p.class_dim,))
@@ -518,10 +532,7 @@ def cross_entropy(
             return _empty_result(loss.p, loss.a.empty)
         return _gpu_forward(loss, strategy)
     x, t, w = host
-    p = loss_plan(
-        fn, True, x.shape, x.dtype, t.shape, t.dtype, _weight_key(w),
-        ignore_index, reduction, label_smoothing, block,
-    )  # fmt: skip
+    p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
     if p.positions == 0:
         return _empty_result(p, _host_empty)
     return _cpu_forward(p, x, t, w)
@@ -546,10 +557,7 @@ def nll_loss(
     host = _host_operands(input, target, weight)
     if host is not None:
         x, t, w = host
-        p = loss_plan(
-            fn, False, x.shape, x.dtype, t.shape, t.dtype, _weight_key(w),
-            ignore_index, reduction, 0.0, block,
-        )  # fmt: skip
+        p = plan_of(fn, False, x, t, w, ignore_index, reduction, 0.0, block)
         if p.positions == 0:
             return _empty_result(p, _host_empty)
         return _cpu_nll(p, x, t, w)
@@ -633,10 +641,7 @@ def cross_entropy_backward(
     host = _host_operands(input, target, weight)
     if host is not None:
         x, t, w = host
-        p = loss_plan(
-            fn, True, x.shape, x.dtype, t.shape, t.dtype, _weight_key(w),
-            ignore_index, reduction, label_smoothing, block,
-        )  # fmt: skip
+        p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
         grads = _grads(p, "cpu", grad_output)[0]
         out = _dispatch.host_empty(x.shape, p.out_dtype)
         if out.size:

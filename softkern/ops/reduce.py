@@ -71,12 +71,7 @@ def reduce_plan(
         kind, view = "full", (size,)
         launch = _launch.full_reduce_plan(size, block)
     else:
-        if _layout.is_consecutive(dims):
-            outer, n, inner = _layout.outer_n_inner(shape, dims)
-        else:  # the reduced dims are moved last: rows of n elements
-            n = math.prod(shape[d] for d in dims)
-            outer = math.prod(s for d, s in enumerate(shape) if d not in dims)
-            inner = 1
+        outer, n, inner = _layout.around_sizes(shape, dims)
         launch = _launch.dim_reduce_plan(outer, n, inner, block)
         kind = launch.regime
         view = (outer, n) if kind == "rows" else (outer, n, inner)

@@ -376,17 +376,9 @@ def logsumexp_plan(
         raise TypeError(f"{fn}: dim is required (an int or a tuple of ints)")
     dims = _layout.normalize_dims(dim, len(shape))
     out_shape = _layout.reduced_shape(shape, dims, bool(keepdim))
-    size = math.prod(shape)
-    if not dims:  # a 0-d x: one slice of one element
-        outer, n, inner = 1, 1, 1
-    elif _layout.is_consecutive(dims):
-        outer, n, inner = _layout.outer_n_inner(shape, dims)
-    else:  # the reduced dims are moved last: rows of n elements
-        n = math.prod(shape[d] for d in dims)
-        outer = math.prod(s for d, s in enumerate(shape) if d not in dims)
-        inner = 1
-    plan = _launch.softmax_plan((outer, n, inner), 1, out_dtype, block)
-    call = _softmax_call(plan, strategy, dtype, out_dtype, size)
+    sizes = _layout.around_sizes(shape, dims)
+    plan = _launch.softmax_plan(sizes, 1, out_dtype, block)
+    call = _softmax_call(plan, strategy, dtype, out_dtype, math.prod(shape))
     return LogsumexpCall(dims, out_shape, call)
 
 

@@ -6,8 +6,10 @@ read-only) and keeps the machine code in its on-disk cache, so each
 combination costs a few seconds once per machine and milliseconds to load
 in every later process. ``catalogue()`` lists one small call per public
 operation, kernel regime and supported dtype, on C-contiguous arrays and,
-for the float dtypes, on strided views; ``warmup()`` runs them all, so that
-the calls a program makes afterwards find their kernels in the cache.
+in float32 and float64, on strided views too (not for the losses, whose
+logits are rarely strided); ``warmup()`` runs them all, in one process per
+core when asked, so that the calls a program makes afterwards find their
+kernels in the cache.
 
 The same catalogue serves the tests (every call compiles nothing in a second
 process; eight threads running it at once get the single-threaded results)

@@ -66,15 +66,16 @@ def check_strategy(reduce: int) -> int:
 # this: a parallel region costs microseconds to start (waking the pool's
 # threads, handing out work), more than a second core saves on a small
 # input, and on a busy machine a woken thread may wait for a core.
-# Measured with bench/parallel_threshold.py (2-core EPYC, TBB, float32,
-# best times serial/parallel): softmax rows 13/12 us at 64 KiB, 24/18 at
-# 128 KiB; cross_entropy 17/16, 30/22; sum dim=1 13/13 at 128 KiB, 23/20 at
-# 256 KiB; sigmoid 16/14 at 128 KiB. With another process keeping a core
-# busy, parallel never wins by more than noise below 2 MiB, so a limit at
-# the bottom of the idle crossover also keeps loaded calls serial.
+# Measured with bench/parallel_threshold.py (2-core EPYC, OpenMP layer,
+# float32, best times serial/parallel): softmax rows 13/13 us at 64 KiB,
+# 24/20 at 128 KiB; cross_entropy 17/18, 30/27; sigmoid 16/16 at 128 KiB,
+# 32/22 at 256 KiB; sum dim=1 23/28 at 256 KiB, 43/31 at 512 KiB. With
+# another process keeping a core busy, parallel never won by more than noise
+# below 2 MiB (TBB layer), so a limit at the bottom of the idle crossover
+# also keeps loaded calls serial.
 CPU_PARALLEL_MIN_BYTES = 128 * 1024
 # Copies (expand, where) do so little per byte that a parallel region pays
-# from later: where 10/13 us at 256 KiB of output, 18/14 at 512 KiB.
+# from later: where 10/13 us at 256 KiB of output, 19/14 at 512 KiB.
 CPU_COPY_PARALLEL_MIN_BYTES = 512 * 1024
 
 

@@ -2,9 +2,9 @@
 
 ``pytest bench/bench_losses.py --benchmark-only`` times every row; a plain
 ``pytest`` (pyproject disables benchmarks) runs each row once on the small
-shapes (<= 1e5 elements) as a smoke test. Inputs are float32 logits (seeded
-standard normals) of shape (N, C) and int64 class indices (seeded, uniform
-over the C classes); every loss is reduction="mean". Each group is one
+shapes (<= 1e5 elements) as a smoke test. Inputs are float32 and float64
+logits (seeded standard normals) of shape (N, C) and int64 class indices
+(seeded, uniform over the C classes); every loss is reduction="mean". Each group is one
 function over one shape on the CPU, and every row checks its result against
 the float64 NumPy formula (``softkern.testing.references.EXACT``) once,
 before it is timed.
@@ -16,25 +16,33 @@ Groups and rows:
   ``torch-unfused`` (``F.nll_loss(torch.log_softmax(x, 1), t)``: writes and
   reads back the N x C log-probabilities) and ``copy``.
 - ``cross_entropy_backward``: ``softkern`` (``sk.cross_entropy_backward(x,
-  t)``, which recomputes the softmax from x) and ``torch``: what autograd runs
-  for the backward of ``F.cross_entropy`` and nothing else,
+  t)``, which recomputes the softmax from x), ``softkern-out`` (the same into
+  a preallocated ``out=``) and ``torch``: what autograd runs for the
+  backward of ``F.cross_entropy`` and nothing else,
   ``aten.nll_loss_backward`` then ``aten._log_softmax_backward_data`` on the
   log-probabilities that the forward saved (computed once, untimed), and
   ``copy``.
-- ``forward+backward``: ``softkern`` (``sk.cross_entropy`` then
-  ``sk.cross_entropy_backward``) and ``torch`` (``F.cross_entropy(x).
+- ``forward+backward``: ``softkern`` (``sk.cross_entropy_and_grad(x, t)``:
+  the loss and the gradient in one pass), ``softkern-out`` (the same, the
+  gradient into a preallocated ``out=``, as a training loop can),
+  ``softkern-unfused`` (``sk.cross_entropy`` then
+  ``sk.cross_entropy_backward``), ``torch`` (``F.cross_entropy(x).
   backward()`` through autograd on a leaf tensor that requires grad), and
   ``copy``.
+
+Rows that allocate their result are compared with PyTorch (which allocates);
+preallocated rows with the copy (which is preallocated).
 
 ``copy`` is ``np.copyto`` of x into a preallocated array (2 * x.nbytes
 moved), the same in every group: the memory floor.
 
 ``extra_info["bytes"]`` is the least traffic of the group's job, the same
 for every row of a group except the copy: the forward reads x and t; the
-backward reads x and t and writes the gradient; forward+backward is both
-(x read twice, as softkern's two calls do). So a forward can at best take
-about half the copy's time, a backward about the copy's, forward+backward
-1.5 copies. ``extra_info["gbps"]`` is bytes / the *minimum* round time.
+backward reads x and t and writes the gradient; forward+backward needs no
+more than the backward (x read once, as ``sk.cross_entropy_and_grad`` does).
+So a forward can at best take about half the copy's time, a backward and
+forward+backward about the copy's. ``extra_info["gbps"]`` is bytes / the
+*minimum* round time.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from _timing import Row, time_row
 import softkern as sk
 from softkern.testing.references import EXACT
 
-DTYPE = np.float32
+DTYPES = (np.float32, np.float64)
 SEED = 20240612
 FUNCTIONS = ("cross_entropy", "cross_entropy_backward", "forward+backward")
 # (N, C): many rows of a typical vocabulary slice, and few very long rows.
@@ -62,24 +70,35 @@ CASES = ((8192, 4096), (512, 65536))
 SMOKE_CASES = ((256, 256), (4, 16384))
 IMPLS = {
     "cross_entropy": ("softkern", "torch", "torch-unfused", "copy"),
-    "cross_entropy_backward": ("softkern", "torch", "copy"),
-    "forward+backward": ("softkern", "torch", "copy"),
+    "cross_entropy_backward": ("softkern", "softkern-out", "torch", "copy"),
+    "forward+backward": (
+        "softkern",
+        "softkern-out",
+        "softkern-unfused",
+        "torch",
+        "copy",
+    ),
 }
 LABEL = {
     ("cross_entropy", "softkern"): "sk.cross_entropy",
     ("cross_entropy", "torch"): "F.cross_entropy",
     ("cross_entropy", "torch-unfused"): "F.nll_loss(torch.log_softmax)",
     ("cross_entropy_backward", "softkern"): "sk.cross_entropy_backward",
+    ("cross_entropy_backward", "softkern-out"): "sk.cross_entropy_backward(out=)",
     ("cross_entropy_backward", "torch"): (
         "aten nll_loss_backward + _log_softmax_backward_data"
     ),
-    ("forward+backward", "softkern"): "sk.cross_entropy + sk.cross_entropy_backward",
+    ("forward+backward", "softkern"): "sk.cross_entropy_and_grad",
+    ("forward+backward", "softkern-out"): "sk.cross_entropy_and_grad(out=)",
+    ("forward+backward", "softkern-unfused"): (
+        "sk.cross_entropy + sk.cross_entropy_backward"
+    ),
     ("forward+backward", "torch"): "F.cross_entropy(x).backward() (autograd)",
 }
 COPY_LABEL = "np.copyto (floor)"
 # The loss: |got - want| <= RTOL * |want| (the spec's float32 bound). The
 # gradient crosses zero: per row, |got - want| <= RTOL * max |want| of the row.
-RTOL = 1e-5
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 TORCH_MEAN = 1  # at::Reduction::Mean, for the aten ops
 
 
@@ -88,22 +107,27 @@ def shape_label(shape: tuple[int, ...]) -> str:
 
 
 class HostInputs:
-    """Seeded logits and targets of one shape (the same values on every run)
-    and the copy row's destination."""
+    """Seeded logits of one shape and dtype and targets (the same values on
+    every run), the copy row's destination and the out= rows' gradient."""
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    def __init__(self, shape: tuple[int, int], dtype: type) -> None:
         self.shape = shape
+        self.dtype = dtype
         rng = np.random.default_rng([SEED, *shape])
-        self.x = rng.standard_normal(shape, dtype=DTYPE)
+        self.x = rng.standard_normal(shape, dtype=dtype)
         self.t = rng.integers(0, shape[1], size=shape[0], dtype=np.int64)
 
     @functools.cached_property
     def dst(self) -> np.ndarray:
         return np.empty_like(self.x)
 
+    @functools.cached_property
+    def grad_out(self) -> np.ndarray:
+        return np.empty_like(self.x)
+
 
 @pytest.fixture(scope="module")
-def host_inputs() -> Callable[[tuple[int, int]], HostInputs]:
+def host_inputs() -> Callable[[tuple[int, int], type], HostInputs]:
     """Inputs per shape, drawn on first use and kept for the module (the three
     groups of a shape share them)."""
     return functools.cache(HostInputs)
@@ -126,14 +150,14 @@ class Exact:
 
 @pytest.fixture(scope="module")
 def exact(
-    host_inputs: Callable[[tuple[int, int]], HostInputs],
-) -> Callable[[tuple[int, int]], Exact]:
+    host_inputs: Callable[[tuple[int, int], type], HostInputs],
+) -> Callable[[tuple[int, int], type], Exact]:
     """The answers of one shape; cases run shape by shape, so only the latest
     shape's (a 256 MB float64 gradient at 8192 x 4096) is kept."""
 
     @functools.lru_cache(maxsize=1)
-    def answer(shape: tuple[int, int]) -> Exact:
-        return Exact(host_inputs(shape))
+    def answer(shape: tuple[int, int], dtype: type) -> Exact:
+        return Exact(host_inputs(shape, dtype))
 
     return answer
 
@@ -144,23 +168,23 @@ def _numpy(result: Any) -> np.ndarray:
     return np.asarray(result)
 
 
-def check_loss(got: Any, want: float, where: str) -> None:
+def check_loss(got: Any, want: float, dtype: type, where: str) -> None:
     got = _numpy(got)
     assert got.shape == (), f"{where}: loss shape {got.shape}, expected ()"
-    assert got.dtype == DTYPE, f"{where}: loss dtype {got.dtype}, expected float32"
+    assert got.dtype == dtype, f"{where}: loss dtype {got.dtype}, expected {dtype}"
     err = abs(float(got) - want)
-    assert err <= RTOL * abs(want), (
+    assert err <= RTOL[dtype] * abs(want), (
         f"{where}: loss {float(got)!r}, float64 reference {want!r} "
-        f"(relative error {err / abs(want):.2e} > {RTOL})"
+        f"(relative error {err / abs(want):.2e} > {RTOL[dtype]})"
     )
 
 
-def check_grad(got: Any, want: np.ndarray, where: str) -> None:
+def check_grad(got: Any, want: np.ndarray, dtype: type, where: str) -> None:
     got = _numpy(got)
     assert got.shape == want.shape, f"{where}: grad shape {got.shape} != {want.shape}"
-    assert got.dtype == DTYPE, f"{where}: grad dtype {got.dtype}, expected float32"
+    assert got.dtype == dtype, f"{where}: grad dtype {got.dtype}, expected {dtype}"
     err = np.abs(got - want)
-    tol = RTOL * np.abs(want).max(axis=1, keepdims=True)
+    tol = RTOL[dtype] * np.abs(want).max(axis=1, keepdims=True)
     bad = ~(err <= tol)  # NaN counts as bad
     if bad.any():
         i = np.unravel_index(
@@ -168,7 +192,7 @@ def check_grad(got: Any, want: np.ndarray, where: str) -> None:
         )
         raise AssertionError(
             f"{where}: {int(bad.sum())} of {bad.size} gradient elements differ "
-            f"from float64 NumPy beyond {RTOL} x the row's max |grad|; worst at "
+            f"from float64 NumPy beyond {RTOL[dtype]} x the row's max |grad|; worst at "
             f"{tuple(int(k) for k in i)}: got {got[i]!r}, want {want[i]!r}"
         )
 
@@ -182,25 +206,25 @@ def _torch() -> Any:
 
 def cpu_row(fn: str, impl: str, inp: HostInputs, exact: Exact) -> Row:
     """The row `impl` of group `fn`, with a check of its result."""
-    x, t = inp.x, inp.t
-    where = f"{impl}: {fn}(shape={inp.shape})"
+    x, t, dtype = inp.x, inp.t, inp.dtype
+    where = f"{impl}: {fn}(shape={inp.shape}, dtype={np.dtype(dtype)})"
     fwd_bytes = x.nbytes + t.nbytes  # read the logits and the targets
     nbytes = {
         "cross_entropy": fwd_bytes,
         "cross_entropy_backward": fwd_bytes + x.nbytes,  # and write the grad
-        "forward+backward": 2 * fwd_bytes + x.nbytes,
+        "forward+backward": fwd_bytes + x.nbytes,  # the same, once
     }[fn]
 
     def check_forward(result: Any) -> None:
-        check_loss(result, exact.loss, where)
+        check_loss(result, exact.loss, dtype, where)
 
     def check_backward(result: Any) -> None:
-        check_grad(result, exact.grad, where)
+        check_grad(result, exact.grad, dtype, where)
 
     def check_both(result: Any) -> None:
         loss, grad = result
-        check_loss(loss, exact.loss, where)
-        check_grad(grad, exact.grad, where)
+        check_loss(loss, exact.loss, dtype, where)
+        check_grad(grad, exact.grad, dtype, where)
 
     check = {
         "cross_entropy": check_forward,
@@ -219,15 +243,25 @@ def cpu_row(fn: str, impl: str, inp: HostInputs, exact: Exact) -> Row:
         )
 
     label = LABEL[fn, impl]
-    if impl == "softkern":
+    if impl.startswith("softkern"):
+        grad_out = inp.grad_out
         call: Callable[[], Any] = {
-            "cross_entropy": lambda: sk.cross_entropy(x, t),
-            "cross_entropy_backward": lambda: sk.cross_entropy_backward(x, t),
-            "forward+backward": lambda: (
+            ("cross_entropy", "softkern"): lambda: sk.cross_entropy(x, t),
+            ("cross_entropy_backward", "softkern"): lambda: sk.cross_entropy_backward(
+                x, t
+            ),
+            ("cross_entropy_backward", "softkern-out"): (
+                lambda: sk.cross_entropy_backward(x, t, out=grad_out)
+            ),
+            ("forward+backward", "softkern"): lambda: sk.cross_entropy_and_grad(x, t),
+            ("forward+backward", "softkern-out"): (
+                lambda: sk.cross_entropy_and_grad(x, t, out=grad_out)
+            ),
+            ("forward+backward", "softkern-unfused"): lambda: (
                 sk.cross_entropy(x, t),
                 sk.cross_entropy_backward(x, t),
             ),
-        }[fn]
+        }[fn, impl]
         return Row(impl, label, call, nbytes, check=check)
 
     torch = _torch()
@@ -273,30 +307,29 @@ def cpu_row(fn: str, impl: str, inp: HostInputs, exact: Exact) -> Row:
 def _cases() -> list[Any]:
     cases = []
     # Shape by shape, so `exact` computes each shape's answers once.
-    for shape in (*SMOKE_CASES, *CASES):
-        n = math.prod(shape)  # bench/conftest.py skips n > 1e5 in smoke runs
-        for fn in FUNCTIONS:
-            for impl in IMPLS[fn]:
-                cases.append(
-                    pytest.param(
-                        fn, shape, n, impl, id=f"{fn}-{shape_label(shape)}-{impl}"
-                    )
-                )
+    for dtype in DTYPES:
+        for shape in (*SMOKE_CASES, *CASES):
+            n = math.prod(shape)  # bench/conftest.py skips n > 1e5 in smoke runs
+            for fn in FUNCTIONS:
+                for impl in IMPLS[fn]:
+                    name = f"{fn}-{np.dtype(dtype)}-{shape_label(shape)}-{impl}"
+                    cases.append(pytest.param(fn, shape, dtype, n, impl, id=name))
     return cases
 
 
-@pytest.mark.parametrize(("fn", "shape", "n", "impl"), _cases())
+@pytest.mark.parametrize(("fn", "shape", "dtype", "n", "impl"), _cases())
 def test_losses_cpu(
     benchmark: Any,
-    host_inputs: Callable[[tuple[int, int]], HostInputs],
-    exact: Callable[[tuple[int, int]], Exact],
+    host_inputs: Callable[[tuple[int, int], type], HostInputs],
+    exact: Callable[[tuple[int, int], type], Exact],
     fn: str,
     shape: tuple[int, int],
+    dtype: type,
     n: int,
     impl: str,
 ) -> None:
-    inp = host_inputs(shape)
-    row = cpu_row(fn, impl, inp, exact(shape))
+    inp = host_inputs(shape, dtype)
+    row = cpu_row(fn, impl, inp, exact(shape, dtype))
     # The first call compiles the JIT kernels (seconds), so it must not be
     # timed; it doubles as the correctness check, so a wrong kernel is never
     # timed.
@@ -305,7 +338,8 @@ def test_losses_cpu(
     row.check(result)
     del result
 
-    benchmark.group = f"{fn} float32 {shape_label(shape)} cpu"
+    dtype_name = np.dtype(dtype).name
+    benchmark.group = f"{fn} {dtype_name} {shape_label(shape)} cpu"
     benchmark.extra_info.update(
         bench="losses",
         function=fn,
@@ -314,7 +348,9 @@ def test_losses_cpu(
         device="cpu",
         shape=list(shape),
         n=n,
-        dtype=np.dtype(DTYPE).name,
+        dtype=dtype_name,
+        # PyTorch has no preallocated form of these: out= rows meet the copy.
+        peer="" if impl.endswith("-out") else "torch",
         target_dtype=np.dtype(inp.t.dtype).name,
         reduction="mean",
         bytes=row.nbytes,

@@ -80,13 +80,16 @@ REDUCE_NOTE = (
     "(NumPy on the CPU, the device copy on the GPU); above 1 is slower."
 )
 SOFTMAX_NOTE = (
-    "- Times are per call: min and median over the rounds, float32 input "
-    "(seeded standard normals). GB/s = (x.nbytes + out.nbytes) / min time "
-    "for every row. `torch / this` = PyTorch's min time / this row's: above 1 "
-    "is faster than PyTorch. `this / copy` = this row's min time / the "
-    "`np.copyto` floor's (a preallocated copy of the same bytes): 1 is as "
-    "fast as memory allows. `softkern` allocates its result on every call; "
-    "`softkern out=` writes into a preallocated array."
+    "- Times are per call: min and median over the rounds, float32 and "
+    "float64 input (seeded standard normals). GB/s = (x.nbytes + out.nbytes) "
+    "/ min time for every row. Two protocols, each compared only with "
+    "itself: *allocating* (`softkern`, `torch.softmax`, SciPy, NumPy: a "
+    "fresh result per call) and *preallocated* (`softkern out=`, "
+    "`torch._softmax(x, dim, False, out=t)`: PyTorch's kernel writing into "
+    "`t`). `torch / this` = the same protocol's PyTorch min time / this "
+    "row's: above 1 is faster than PyTorch. `this / copy` = this row's min "
+    "time / the `np.copyto` floor's (a preallocated copy of the same bytes, "
+    "so a preallocated row's peer): 1 is as fast as one thread's copy."
 )
 BROADCAST_NOTE = (
     "- Times are per call: min and median over the rounds, float32 operands "
@@ -105,18 +108,21 @@ BROADCAST_NOTE = (
 
 
 LOSSES_NOTE = (
-    "- Times are per call: min and median over the rounds; float32 logits "
-    "(seeded standard normals) of shape (N, C), int64 targets (seeded, uniform "
-    "over the C classes), reduction `mean`. GB/s = bytes / min time, where a "
-    "row's bytes are the least its job moves: the forward reads the logits "
-    "and the targets, the backward reads them and writes the gradient, "
-    "forward+backward is both; the copy's are the logits read and written. "
-    "`torch / this` = PyTorch's min time / this row's: above 1 is faster than "
-    "PyTorch. `this / copy` = this row's min time / the `np.copyto` floor's "
-    "(the logits copied into a preallocated array): about 0.5 is as fast as "
-    "memory allows for the forward, 1 for the backward, 1.5 for "
-    "forward+backward. The backward's `torch` row runs only what autograd "
-    "runs for the backward of `F.cross_entropy` (`nll_loss_backward`, "
+    "- Times are per call: min and median over the rounds; float32 and "
+    "float64 logits (seeded standard normals) of shape (N, C), int64 targets "
+    "(seeded, uniform over the C classes), reduction `mean`. GB/s = bytes / "
+    "min time, where a row's bytes are the least its job moves: the forward "
+    "reads the logits and the targets, the backward and forward+backward "
+    "read them once and write the gradient; the copy's are the logits read "
+    "and written. `torch / this` = PyTorch's min time / this row's, both "
+    "allocating their results: above 1 is faster than PyTorch (PyTorch has "
+    "no preallocated form of these, so `out=` rows show n/a there). `this / "
+    "copy` = this row's min time / the `np.copyto` floor's (the logits copied "
+    "into a preallocated array): about 0.5 is as fast as memory allows for "
+    "the forward, 1 for the backward and forward+backward; a fresh result "
+    "adds its page faults (the kernel zeroes each new page), so compare "
+    "`out=` rows with the copy. The backward's `torch` row runs only what "
+    "autograd runs for the backward of `F.cross_entropy` (`nll_loss_backward`, "
     "`_log_softmax_backward_data`) on the log-probabilities its forward "
     "saved; softkern's backward recomputes the softmax from the logits."
 )
@@ -253,6 +259,7 @@ def _softmax_key(bench: dict[str, Any]) -> tuple:
     return (
         info.get("device", ""),
         info.get("function", ""),
+        info.get("dtype", ""),
         tuple(info.get("shape", ())),
         info.get("dim", 0),
     )
@@ -269,8 +276,10 @@ def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
 
 
 def softmax_group_table(benches: Sequence[dict[str, Any]]) -> list[str]:
+    """One group's rows; `torch / this` against the row's own protocol
+    (extra_info["peer"]: torch-out for a preallocated row, else torch)."""
     by_impl = {b["extra_info"].get("impl"): b for b in benches}
-    torch, copy = by_impl.get("torch"), by_impl.get("copy")
+    copy = by_impl.get("copy")
     info0 = benches[0]["extra_info"]
     lines = [
         f"**{benches[0].get('group')}** ({info0.get('n', 0):,} elements)",
@@ -286,34 +295,37 @@ def softmax_group_table(benches: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {name} | {fmt_ms(st['min'])} | {fmt_ms(st['median'])} | "
             f"{'n/a' if gbps is None else f'{gbps:.1f}'} | "
-            f"{_ratio(torch, b)} | {_ratio(b, copy)} | {st['rounds']} |"
+            f"{_ratio(by_impl.get(info.get('peer', 'torch')), b)} | "
+            f"{_ratio(b, copy)} | {st['rounds']} |"
         )
     return lines
 
 
 def softmax_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
-    """One row per (function, shape, dim): softkern against PyTorch and the
-    copy floor."""
+    """One row per (function, dtype, shape, dim): softkern against PyTorch in
+    each protocol, and the preallocated rows against the copy floor."""
     lines = [
-        "| function | shape | dim | softkern ms | softkern out= ms | torch ms | "
-        "copy ms | torch / softkern | torch / softkern out= | softkern / copy "
-        "| softkern out= / copy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| function | dtype | shape | dim | softkern ms | torch ms | "
+        "softkern out= ms | torch out= ms | copy ms | **allocating:** torch / "
+        "softkern | **out=:** torch / softkern | softkern out= / copy | "
+        "torch out= / copy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for benches in groups.values():
         by_impl = {b["extra_info"].get("impl"): b for b in benches}
         sk, sko = by_impl.get("softkern"), by_impl.get("softkern-out")
-        torch, copy = by_impl.get("torch"), by_impl.get("copy")
+        torch, torch_out = by_impl.get("torch"), by_impl.get("torch-out")
+        copy = by_impl.get("copy")
         info = benches[0]["extra_info"]
         times = [
             "n/a" if b is None else fmt_ms(b["stats"]["min"])
-            for b in (sk, sko, torch, copy)
+            for b in (sk, torch, sko, torch_out, copy)
         ]
         lines.append(
-            f"| {info.get('function', '?')} | {_shape(info)} | "
-            f"{info.get('dim', '?')} | " + " | ".join(times) + " | "
-            f"{_ratio(torch, sk)} | {_ratio(torch, sko)} | {_ratio(sk, copy)} | "
-            f"{_ratio(sko, copy)} |"
+            f"| {info.get('function', '?')} | {info.get('dtype', '?')} | "
+            f"{_shape(info)} | {info.get('dim', '?')} | " + " | ".join(times) + " | "
+            f"{_ratio(torch, sk)} | {_ratio(torch_out, sko)} | "
+            f"{_ratio(sko, copy)} | {_ratio(torch_out, copy)} |"
         )
     return lines
 
@@ -328,7 +340,7 @@ def _softmax_groups(
     order = {"softmax": 0, "log_softmax": 1}
     keys = sorted(
         enumerate(groups),
-        key=lambda ik: (ik[1][0], order.get(ik[1][1], 2), ik[1][1], ik[0]),
+        key=lambda ik: (ik[1][0], ik[1][2], order.get(ik[1][1], 2), ik[1][1], ik[0]),
     )
     return {k: groups[k] for _, k in keys}
 
@@ -389,7 +401,12 @@ LOSS_FUNCTIONS = ("cross_entropy", "cross_entropy_backward", "forward+backward")
 
 def _losses_key(bench: dict[str, Any]) -> tuple:
     info = bench.get("extra_info", {})
-    return (info.get("device", ""), info.get("function", ""), tuple(info["shape"]))
+    return (
+        info.get("device", ""),
+        info.get("function", ""),
+        info.get("dtype", ""),
+        tuple(info["shape"]),
+    )
 
 
 def _losses_groups(
@@ -403,7 +420,13 @@ def _losses_groups(
     order = {f: i for i, f in enumerate(LOSS_FUNCTIONS)}
     keys = sorted(
         enumerate(groups),
-        key=lambda ik: (ik[1][0], order.get(ik[1][1], len(order)), ik[1][1], ik[0]),
+        key=lambda ik: (
+            ik[1][0],
+            ik[1][2],
+            order.get(ik[1][1], len(order)),
+            ik[1][1],
+            ik[0],
+        ),
     )
     return {k: groups[k] for _, k in keys}
 
@@ -437,22 +460,31 @@ def _impl_summary_table(
 
 
 def losses_summary_table(groups: dict[tuple, list[dict[str, Any]]]) -> list[str]:
-    """One row per (function, shape): softkern against PyTorch (fused and,
-    for the forward, log_softmax + nll_loss) and the copy floor."""
+    """One row per (function, dtype, shape): softkern against PyTorch (both
+    allocating; for the forward also log_softmax + nll_loss) and its
+    preallocated form against the copy floor."""
+
+    def label(benches: Sequence[dict[str, Any]]) -> str:
+        info = benches[0]["extra_info"]
+        return f"{info.get('function', '?')} {info.get('dtype', '')}".rstrip()
+
     return _impl_summary_table(
         groups,
         ("function", "shape"),
-        lambda benches: benches[0]["extra_info"].get("function", "?"),
+        label,
         {
             "softkern": "softkern",
+            "softkern-out": "softkern out=",
+            "softkern-unfused": "softkern unfused",
             "torch": "torch",
             "torch-unfused": "torch unfused",
             "copy": "copy",
         },
         [
-            ("torch / softkern", "torch", "softkern"),
+            ("**allocating:** torch / softkern", "torch", "softkern"),
             ("torch unfused / softkern", "torch-unfused", "softkern"),
             ("softkern / copy", "softkern", "copy"),
+            ("softkern out= / copy", "softkern-out", "copy"),
         ],
     )
 

@@ -11,7 +11,12 @@ from softkern import _threads, nn
 from softkern._dispatch import device_of
 from softkern.ops.activations import gumbel_softmax, logsigmoid, sigmoid
 from softkern.ops.broadcast import broadcast_shapes, expand, where
-from softkern.ops.losses import cross_entropy, cross_entropy_backward, nll_loss
+from softkern.ops.losses import (
+    cross_entropy,
+    cross_entropy_and_grad,
+    cross_entropy_backward,
+    nll_loss,
+)
 from softkern.ops.reduce import amax, amin, dot, sum
 from softkern.ops.softmax import (
     log_softmax,
@@ -37,6 +42,7 @@ __all__ = [
     "amin",
     "broadcast_shapes",
     "cross_entropy",
+    "cross_entropy_and_grad",
     "cross_entropy_backward",
     "device_of",
     "dot",

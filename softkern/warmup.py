@@ -74,6 +74,7 @@ FAMILY = {
     "gumbel_softmax": "softmax",  # softmax's kernels, then the one-hot
     "cross_entropy": "losses",
     "cross_entropy_backward": "losses",
+    "cross_entropy_and_grad": "losses",
     "nll_loss": "losses",
     "sigmoid": "activations",
     "logsigmoid": "activations",
@@ -196,6 +197,11 @@ def _losses() -> Iterator[Call]:
                     "cross_entropy_backward",
                     f"cross_entropy_backward {label} probabilities",
                     lambda v=v, q=probs: sk.cross_entropy_backward(v, q),
+                )
+                yield Call(
+                    "cross_entropy_and_grad",
+                    f"cross_entropy_and_grad {label} index",
+                    lambda v=v, t=index: sk.cross_entropy_and_grad(v, t),
                 )
                 yield Call(
                     "nll_loss",

@@ -32,6 +32,7 @@ SHAPES = [
     (3, 4, 6),  # (N, C, d1)
     (2, 3, 4, 5),  # (N, C, d1, d2)
     (3, 3000),  # long rows, ragged tail of any vector width
+    (2, 9000),  # rows of three tiles (the gradient's tiles merge)
     (2, 300, 3),  # long class dim, K-dim
 ]
 
@@ -841,3 +842,134 @@ def test_gumbel_of_a_0d_input_is_one(hard):
     out = sk.gumbel_softmax(np.array(2.0, np.float32), hard=hard, seed=1)
     assert out.shape == () and out.dtype == np.float32
     assert out == 1.0
+
+
+# --- cross_entropy_and_grad ---------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_and_grad_index_targets(rng, shape, dtype, option, reduction):
+    # rows (N, C) and (C,): the fused pass; (N, C, d...): forward + backward
+    x, t, kwargs = problem(rng, shape, dtype, option)
+    loss, grad = sk.cross_entropy_and_grad(x, t, reduction=reduction, **kwargs)
+    check_loss(loss, ref_ce(x, t, reduction=reduction, **kwargs), dtype)
+    check_backward(grad, x, t, 1.0, reduction=reduction, **kwargs)
+    # the same numbers as the two calls, to rounding
+    np.testing.assert_allclose(
+        loss, sk.cross_entropy(x, t, reduction=reduction, **kwargs), rtol=TOL[dtype]
+    )
+    separate = sk.cross_entropy_backward(x, t, reduction=reduction, **kwargs)
+    check_backward(grad, x, t, 1.0, ref=separate, reduction=reduction, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(5, 7), (2, 9000), (3, 4, 5)])
+def test_loss_and_grad_probability_targets(rng, shape, reduction):
+    x, q = logits(rng, shape, np.float64), prob_target(rng, shape, np.float64)
+    kw = {"reduction": reduction, "label_smoothing": 0.2}
+    loss, grad = sk.cross_entropy_and_grad(x, q, **kw)
+    check_loss(loss, ref_ce(x, q, **kw), np.float64)
+    check_backward(grad, x, q, 1.0, **kw)
+
+
+def test_loss_and_grad_by_finite_differences(rng):
+    x = logits(rng, (3, 5000), np.float64)  # two tiles per row
+    t = np.array([4999, -100, 7])
+    kw = {"weight": rng.uniform(0.5, 2.0, 5000), "label_smoothing": 0.3}
+    loss, grad = sk.cross_entropy_and_grad(x, t, **kw)
+    h = 1e-6
+    for i, j in [(0, 4999), (0, 3), (1, 17), (2, 7), (2, 4500)]:
+        up, down = x.copy(), x.copy()
+        up[i, j] += h
+        down[i, j] -= h
+        numeric = (sk.cross_entropy(up, t, **kw) - sk.cross_entropy(down, t, **kw)) / (
+            2 * h
+        )
+        assert np.isclose(grad[i, j], numeric, rtol=1e-6, atol=1e-8)
+    assert loss == pytest.approx(float(ref_ce(x, t, **kw)), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loss_and_grad_special_values_in_long_rows(dtype, eps):
+    # (6, 9000)  # three tiles per row: -inf tiles, NaN, +inf, ties
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 9000)).astype(dtype)
+    x[0, :5000] = -INF  # a tile of -inf only, then finite
+    x[1] = -INF  # only -inf: NaN
+    x[2, 8000] = np.nan  # NaN in the last tile
+    x[3, 6000] = INF  # +inf in the middle tile
+    x[4, [10, 8500]] = 9.0  # the max tied across tiles
+    x[5, 4096:8192] = -INF  # a middle tile of -inf only
+    t = np.array([6000, 3, 5, 7, 8500, 100])
+    kw = {"reduction": "none", "label_smoothing": eps}
+    loss, grad = sk.cross_entropy_and_grad(x, t, **kw)
+    np.testing.assert_array_equal(loss, sk.cross_entropy(x, t, **kw))
+    np.testing.assert_array_equal(
+        np.isnan(grad), np.isnan(sk.cross_entropy_backward(x, t, 1.0, **kw))
+    )
+    assert np.isnan(grad[1:4]).all() and np.isnan(loss[1:4]).all()
+    assert np.isfinite(grad[[0, 4, 5]]).all()
+    if eps == 0:
+        assert (grad[0, :5000] == 0).all() and (grad[5, 4096:8192] == 0).all()
+    torch = pytest.importorskip("torch")
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    expected = torch.nn.functional.cross_entropy(xt, torch.from_numpy(t), **kw)
+    expected.sum().backward()
+    np.testing.assert_allclose(loss, expected.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_loss_and_grad_writes_every_element_of_out(rng):
+    x = logits(rng, (64, 1000))
+    t = index_target(rng, x.shape, ignore_index=-100)
+    out = np.full_like(x, np.nan)
+    _, grad = sk.cross_entropy_and_grad(x, t, out=out)
+    assert grad is out and not np.isnan(out).any()
+    check_backward(out, x, t, 1.0)
+    again = np.full_like(x, np.nan)
+    assert sk.cross_entropy_backward(x, t, out=again) is again
+    np.testing.assert_array_equal(again, out)
+    # the columns regime goes through the two calls, out= too
+    x3 = logits(rng, (4, 6, 5))
+    t3 = index_target(rng, x3.shape)
+    out3 = np.full_like(x3, np.nan)
+    _, grad3 = sk.cross_entropy_and_grad(x3, t3, out=out3)
+    assert grad3 is out3 and not np.isnan(out3).any()
+
+
+def test_loss_and_grad_out_errors(rng):
+    x = logits(rng, (8, 10))
+    t = index_target(rng, x.shape)
+    fns = (
+        lambda out: sk.cross_entropy_and_grad(x, t, out=out),
+        lambda out: sk.cross_entropy_backward(x, t, out=out),
+    )
+    for call in fns:
+        with pytest.raises(ValueError, match="shape"):
+            call(np.empty((8, 11), np.float32))
+        with pytest.raises(TypeError, match="dtype"):
+            call(np.empty((8, 10), np.float64))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            call(np.empty((10, 8), np.float32).T)
+        with pytest.raises(ValueError, match="overlaps input"):
+            call(x)
+        with pytest.raises(TypeError, match="out must be an array"):
+            call([1.0])
+    with pytest.raises(IndexError, match="out of bounds"):
+        sk.cross_entropy_and_grad(x, np.full(8, 10), out=np.empty_like(x))
+
+
+def test_loss_and_grad_leaves_inputs_alone_and_handles_empty(rng):
+    x = logits(rng, (5, 4097))
+    t = index_target(rng, x.shape)
+    before = x.copy(), t.copy()
+    sk.cross_entropy_and_grad(x, t, label_smoothing=0.1)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(t, before[1])
+    empty = np.empty((0, 4), np.float32)
+    loss, grad = sk.cross_entropy_and_grad(empty, np.empty(0, np.int64))
+    assert np.isnan(loss) and grad.shape == (0, 4)

@@ -65,3 +65,42 @@ def test_subnormal_results_and_the_edge_of_overflow(dtype):
     rel = np.abs(got.astype(np.float64) - ref) / ref
     normal = ref >= info.tiny
     assert rel[normal].max() <= 2 * info.eps
+
+
+# --- exp_nonpositive: exp(t) for t <= 0, the softmax's x - max --------------
+
+
+def test_nonpositive_float32_every_101st_negative_bit_pattern():
+    # Every 101st float32 from -0 down to the clamp at -104, subnormal
+    # results included (checked exhaustively once: at most 1 ulp).
+    start, stop = 0x80000000, int(np.array(-104.0, np.float32).view(np.uint32))
+    bits = np.arange(start, stop + 1, 101, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    with np.errstate(under="ignore"):
+        ref = np.exp(x.astype(np.float64)).astype(np.float32)
+    got = exp_array(x, nonpositive=True)
+    normal = ref >= np.finfo(np.float32).tiny
+    assert ulp_distance(got[normal], ref[normal]).max() <= 1
+    tiny = np.float32(2.0**-149)
+    assert np.all(np.abs(got[~normal] - ref[~normal]) <= tiny)
+    assert (~normal).sum() > 1000  # the subnormal range was crossed
+
+
+def test_nonpositive_float64_random_within_1_ulp(rng):
+    x = -np.concatenate([rng.uniform(0, 745, 1_000_000), rng.uniform(0, 1e-3, 1000)])
+    ref = np.exp(x.astype(np.longdouble)).astype(np.float64)
+    got = exp_array(x, nonpositive=True)
+    normal = ref >= np.finfo(np.float64).tiny
+    assert ulp_distance(got[normal], ref[normal]).max() <= 1
+    assert np.all(np.abs(got[~normal] - ref[~normal]) <= 5e-324)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonpositive_special_values(dtype):
+    lowest = -104.0 if dtype == np.float32 else -746.0
+    x = np.array([0.0, -0.0, -np.inf, np.nan, lowest, -1e4, lowest - 1], dtype)
+    got = exp_array(x, nonpositive=True)
+    np.testing.assert_array_equal(got, np.array([1, 1, 0, np.nan, 0, 0, 0], dtype))
+    # the same results as the general exp wherever both are defined
+    y = -np.geomspace(1e-30, 100, 10_001).astype(dtype)
+    np.testing.assert_allclose(exp_array(y, True), exp_array(y), rtol=4e-7, atol=0)

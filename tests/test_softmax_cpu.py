@@ -145,6 +145,45 @@ def test_special_values_follow_pytorch(dtype, dim):
         )
 
 
+def long_rows_with_special_values(dtype):
+    """Rows of 9000 (three CPU tiles of 4096, the last ragged) with the
+    special values placed in different tiles."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((7, 9000)).astype(dtype)
+    x[0, :5000] = -INF  # a first tile of -inf only, then finite
+    x[1] = -INF  # only -inf: NaN
+    x[2, 8000] = np.nan  # NaN in the last tile: the row is NaN
+    x[3, 6000] = INF  # +inf in the middle tile: the row is NaN
+    x[4, [10, 8500]] = 9.0  # the max tied across the first and last tiles
+    x[5, 8999] = 12.0  # the max in the last tile's last element
+    x[6, 4096:8192] = -INF  # a middle tile of -inf only
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_special_values_in_long_rows_follow_pytorch(dtype):
+    # (7, 9000)  # rows regime, tiled: tile maxima merged, rescaled per tile
+    x = long_rows_with_special_values(dtype)
+    y, ly = sk.softmax(x, 1), sk.log_softmax(x, 1)
+    for r in (1, 2, 3):
+        assert np.isnan(y[r]).all() and np.isnan(ly[r]).all()
+    finite = [0, 4, 5, 6]
+    assert np.isfinite(y[finite]).all()
+    assert (y[0, :5000] == 0).all() and (ly[0, :5000] == -INF).all()
+    assert (y[6, 4096:8192] == 0).all()
+    np.testing.assert_allclose(y[finite].astype(np.float64).sum(1), 1.0, rtol=1e-5)
+    assert y[4, 10] == y[4, 8500]
+    check_softmax(y[finite], x[finite], 1, dtype)
+    ref = ref_log_softmax(x[finite], 1)
+    kept = np.isfinite(ref)
+    err = np.abs(ly[finite][kept] - ref[kept]) / np.maximum(1.0, np.abs(ref[kept]))
+    assert err.max() <= TOLERANCE[dtype]["log_softmax"]
+    if torch is not None:
+        t = torch.from_numpy(x.astype(np.float64))
+        np.testing.assert_allclose(y, torch.softmax(t, 1).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(ly, torch.log_softmax(t, 1).numpy(), rtol=1e-5)
+
+
 def test_zero_d_and_empty():
     x = np.float32(3.5)
     assert sk.softmax(np.asarray(x), 0) == 1.0

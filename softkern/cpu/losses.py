@@ -3,8 +3,9 @@
 cross_entropy never stores the log-probabilities. The input is viewed as
 (outer, C, inner) around the class dim. Rows regime (inner == 1): rows in
 parallel; each row in tiles of ``TILE`` elements, two sweeps per tile that
-stay in L1: the max (``llvm.maxnum``), then the sum of exp(x - max) in
-float64, kept apart from the max's own 1 (``tile_stats``); the tiles' (max,
+stay in L1: the max (``llvm.maxnum``), then the sum of exp(x - max) (in
+blocks, as the softmax's), kept apart from the max's own 1 (``tile_stats``);
+the tiles' (max,
 rest) pairs merge online, so the row is read from memory once. The loss
 follows as (max - x_t) + log1p(rest), the target's logit read once. Label
 smoothing and probability targets add one more sweep over the row for
@@ -13,9 +14,14 @@ the max, every term is >= 0, so nothing cancels. Columns regime (inner > 1,
 (N, C, d1..dK) inputs): strips of neighbouring positions whose C rows fit in
 cache, the same sweeps top to bottom, as the softmax columns regime.
 
-The backward pass is one more sweep per row: p_j * a - b * w_j, with a and b
-per row (weights, smoothing and the reduction's scale folded in), minus the
-target's one-hot term.
+The gradient (``index_row_grad``, which ``cross_entropy_backward`` and
+``cross_entropy_and_grad`` share) reads a row from memory once: a tile at a
+time, its max, then its exponentials written into the gradient while they
+are summed (hits on the max kept apart, as above); the tiles' statistics
+merge; one last sweep rescales each tile in place to p_j * a - b * w_j,
+with a and b per row (weights, smoothing and the reduction's scale folded
+in), minus the target's one-hot term. With the loss wanted too, it comes
+from the same statistics and the target's logit.
 
 Per-position losses and weights come back in float64 arrays of the batch's
 size (O(N) memory), and each forward kernel returns their sums, so the host
@@ -32,26 +38,49 @@ from numba import njit, prange
 
 from softkern.cpu import parallel_kernel
 from softkern.cpu.fma import maxnum
+from softkern.cpu.simd_exp import exp_nonpositive
 from softkern.cpu.softmax import (
     FASTMATH,
     ROW_CHUNKS,
+    SUM_BLOCK,
+    TILE,
     as_acc,
-    exp,
     strip_max,
     strip_of,
 )
 
-# A long row is read in tiles of this many elements: each tile's two sweeps
-# (max, then exponentials) hit L1, so the row is read from memory once; the
-# tiles' statistics merge as the GPU threads' do. (Measured on (512, 65536)
-# float32: three whole-row sweeps of 256 KiB rows fell out of L2.)
-TILE = 4096
+
+@njit(inline="always", cache=True)
+def exps_rest(xt, ot, m, store, lowest):
+    """The rest of the slice xt against its max m: the sum of exp(x - m)
+    less the hits on m (each exactly 1), in blocks of SUM_BLOCK in the
+    accumulator type added in float64; the exponentials go into ot too
+    when `store` (the gradient's first sweep)."""
+    rest = 0.0
+    ties = 0.0
+    for b0 in range(0, xt.shape[0], SUM_BLOCK):
+        xb = xt[b0 : min(xt.shape[0], b0 + SUM_BLOCK)]
+        ob = ot[b0 : min(xt.shape[0], b0 + SUM_BLOCK)]
+        part = as_acc(0, lowest)
+        hits = as_acc(0, lowest)  # exact: a block has fewer than 2**24
+        for j in range(xb.shape[0]):
+            v = as_acc(xb[j], lowest)
+            hit = v == m
+            e = exp_nonpositive(v - m)
+            if store:
+                ob[j] = e
+            part += as_acc(0, lowest) if hit else e
+            hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
+        rest += part
+        ties += hits
+    return rest + (ties - 1)
 
 
 @njit(inline="always", cache=True)
 def tile_stats(x, r, j0, j1, lowest):
-    """(max, rest) of x[r, j0:j1]: rest = the sum of exp(x - max) less 1, in
-    float64, summed without the elements equal to the max (each adds exactly
+    """(max, rest) of x[r, j0:j1]: rest = the sum of exp(x - max) less 1
+    (blocks of SUM_BLOCK in the accumulator type, added in float64, as in
+    the softmax), summed without the elements equal to the max (each adds exactly
     1): a confident prediction's loss is log(1 + rest) with rest tiny, which
     1 + rest would round away even in float64."""
     # A slice indexed from 0: indices Numba can see are never negative, so
@@ -60,14 +89,7 @@ def tile_stats(x, r, j0, j1, lowest):
     top = lowest
     for j in range(xr.shape[0]):
         top = maxnum(top, as_acc(xr[j], lowest))
-    rest = 0.0
-    ties = 0
-    for j in range(xr.shape[0]):
-        v = as_acc(xr[j], lowest)
-        hit = v == top
-        rest += 0.0 if hit else exp(v - top)
-        ties += hit
-    return top, rest + (ties - 1)
+    return top, exps_rest(xr, xr, top, False, lowest)
 
 
 @njit(inline="always", cache=True)
@@ -244,57 +266,110 @@ def target_weight(target, weight, ignore_index):
 
 
 @njit(inline="always", cache=True)
-def index_row_backward(
-    x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, out, r, lowest
-):
-    """d loss / d x of row r: g (p_j ((1 - eps) w_t + eps/C sum w)
-    - eps/C w_j - (1 - eps) w_t [j == t]), g = grads[r] * scale."""
+def index_row_grad(
+    x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, out, r,
+    with_loss, lowest, tile_top,
+):  # fmt: skip
+    """d loss / d x of row r into out[r], and (when `with_loss`) the row's
+    (loss, weight) as ``index_row``'s, reading the row from memory once.
+
+    A tile of TILE elements at a time (while it is in L1): its max, then
+    exp(x - that max) into out[r] with their sum (``exps_rest``); the
+    tiles' (max, rest) merge (``merge_stats``); then one sweep rescales
+    each tile in place by exp(its max - the row's max) and writes
+    g (p_j ((1 - eps) w_t + eps/C sum w) - eps/C w_j - (1 - eps) w_t
+    [j == t]), g = grads[r] * scale. `tile_top` holds the tiles' maxima."""
     n = x.shape[1]
+    xr = x[r]
+    orow = out[r]
     t = target[r]
     if t == ignore_index or is_bad(t, ignore_index, n):
         for j in range(n):
-            out[r, j] = 0
-        return
-    g = grad_of(grads, r) * scale
-    top, rest = row_stats(x, r, lowest)
-    total = exp_sum(top, rest)
+            orow[j] = 0
+        return 0.0, 0.0
+    top, rest = lowest, 0.0
+    for k in range((n + TILE - 1) // TILE):
+        xt = xr[k * TILE : min(n, (k + 1) * TILE)]
+        m = lowest
+        for j in range(xt.shape[0]):
+            m = maxnum(m, as_acc(xt[j], lowest))
+        tile_top[k] = m
+        part = exps_rest(xt, orow[k * TILE : min(n, (k + 1) * TILE)], m, True, lowest)
+        top, rest = (m, part) if k == 0 else merge_stats(top, rest, m, part)
     w_t = np.float64(weight[t])
-    a = as_acc(
-        g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / total,
-        lowest,
-    )
-    if smoothing > 0:
-        b = as_acc(g * smoothing / n, lowest)
-        for j in range(n):
-            out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - b * weight[j]
-    else:
-        for j in range(n):
-            out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a
-    out[r, t] -= as_acc(g * (1.0 - smoothing) * w_t, lowest)
+    loss = 0.0
+    if with_loss:
+        shift = log_sum(top, rest)
+        loss = w_t * ((top - as_acc(xr[t], lowest)) + shift)
+        if smoothing > 0:
+            # Every term >= 0 (written against the max): nothing cancels.
+            spread = 0.0
+            for j in range(n):
+                spread += weight[j] * (top - as_acc(xr[j], lowest))
+            uniform = weight_sum * shift + spread
+            loss = (1.0 - smoothing) * loss + smoothing / n * uniform
+    g = grad_of(grads, r) * scale
+    a = g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / exp_sum(top, rest)
+    b = as_acc(g * smoothing / n, lowest)
+    for k in range((n + TILE - 1) // TILE):
+        ot = orow[k * TILE : min(n, (k + 1) * TILE)]
+        wt = weight[k * TILE : min(n, (k + 1) * TILE)]
+        m = tile_top[k]
+        if m == top:  # exp(0) = 1, without a call into libm
+            factor = as_acc(a, lowest)
+        elif m == -np.inf:
+            # A tile of -inf only in a row with a finite max: p = 0 (its
+            # exponentials were exp(-inf - -inf) = NaN); 0 * a keeps a NaN.
+            factor = as_acc(a, lowest)
+            for j in range(ot.shape[0]):
+                ot[j] = 0
+        else:
+            factor = as_acc(a * np.exp(np.float64(m) - top), lowest)
+        if smoothing > 0:
+            for j in range(ot.shape[0]):
+                ot[j] = ot[j] * factor - b * wt[j]
+        else:
+            for j in range(ot.shape[0]):
+                ot[j] *= factor
+    orow[t] -= as_acc(g * (1.0 - smoothing) * w_t, lowest)
+    return loss, w_t
 
 
 @parallel_kernel(fastmath=FASTMATH)
-def index_rows_backward(
-    x, target, weight, ignore_index, smoothing, grads, scale, out, lowest, parallel
-):
-    """``index_row_backward`` of every row. The host checked the targets
+def index_rows_grad(
+    x, target, weight, ignore_index, smoothing, grads, scale, out, losses,
+    weights, with_loss, lowest, parallel,
+):  # fmt: skip
+    """``index_row_grad`` of every row: the gradient into out and, when
+    `with_loss`, each row's loss and weight into losses and weights
+    (returns ``totals``; (0, 0, -1) without). The host checked the targets
     (``target_weight``) first; a bad one gets a zero row here."""
-    count = x.shape[0]
+    count, n = x.shape
     weight_sum = total_of(weight)
+    tiles = max(1, (n + TILE - 1) // TILE)
     if not parallel:
+        tile_top = np.empty(tiles, dtype=out.dtype)
         for r in range(count):
-            index_row_backward(
+            loss, w_t = index_row_grad(
                 x, target, weight, weight_sum, ignore_index, smoothing,
-                grads, scale, out, r, lowest,
+                grads, scale, out, r, with_loss, lowest, tile_top,
             )  # fmt: skip
-        return
-    chunks = min(count, ROW_CHUNKS)
-    for chunk in prange(chunks):
-        for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
-            index_row_backward(
-                x, target, weight, weight_sum, ignore_index, smoothing,
-                grads, scale, out, r, lowest,
-            )  # fmt: skip
+            if with_loss:
+                losses[r], weights[r] = loss, w_t
+    else:
+        chunks = min(count, ROW_CHUNKS)
+        for chunk in prange(chunks):
+            tile_top = np.empty(tiles, dtype=out.dtype)
+            for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
+                loss, w_t = index_row_grad(
+                    x, target, weight, weight_sum, ignore_index, smoothing,
+                    grads, scale, out, r, with_loss, lowest, tile_top,
+                )  # fmt: skip
+                if with_loss:
+                    losses[r], weights[r] = loss, w_t
+    if not with_loss:
+        return 0.0, 0.0, -1
+    return totals(losses, weights, target, ignore_index, x.shape[1])
 
 
 @njit(inline="always", cache=True)
@@ -310,7 +385,7 @@ def probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest):
     a = as_acc(g * mass / total, lowest)
     for j in range(n):
         u = as_acc(g * weight[j] * smoothed(np.float64(q[r, j]), smoothing, n), lowest)
-        out[r, j] = exp(as_acc(x[r, j], lowest) - top) * a - u
+        out[r, j] = exp_nonpositive(as_acc(x[r, j], lowest) - top) * a - u
 
 
 @parallel_kernel(fastmath=FASTMATH)
@@ -336,7 +411,7 @@ def strip_stats(x, o, c0, width, lowest):
         for c in range(width):
             v = as_acc(xr[c], lowest)
             hit = v == top[c]
-            rest[c] += 0.0 if hit else exp(v - top[c])
+            rest[c] += 0.0 if hit else exp_nonpositive(v - top[c])
             ties[c] += hit
     for c in range(width):
         rest[c] += ties[c] - 1
@@ -439,7 +514,7 @@ def index_strip_backward(
     x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, item,
     strips, strip, out, lowest,
 ):  # fmt: skip
-    """``index_row_backward`` for one strip of (outer, C, inner)."""
+    """``index_row_grad``'s gradient for one strip of (outer, C, inner)."""
     n, inner = x.shape[1], x.shape[2]
     o, c0, width = strip_of(item, strips, strip, inner)
     top, rest = strip_stats(x, o, c0, width, lowest)
@@ -468,7 +543,9 @@ def index_strip_backward(
         w = weight[i]
         for c in range(width):
             hit = d[c] if t[c] == i else as_acc(0, lowest)
-            orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - b[c] * w - hit
+            orow[c] = (
+                exp_nonpositive(as_acc(xr[c], lowest) - top[c]) * a[c] - b[c] * w - hit
+            )
 
 
 @parallel_kernel(fastmath=FASTMATH)
@@ -476,7 +553,7 @@ def index_columns_backward(
     x, target, weight, ignore_index, smoothing, grads, scale, strip, out, lowest,
     parallel,
 ):  # fmt: skip
-    """``index_rows_backward`` for (outer, C, inner) inputs."""
+    """``index_rows_grad``'s gradient for (outer, C, inner) inputs."""
     outer, inner = x.shape[0], x.shape[2]
     weight_sum = total_of(weight)
     strips = (inner + strip - 1) // strip
@@ -518,7 +595,9 @@ def probs_strip_backward(
         orow = out[o, i, c0 : c0 + width]
         for c in range(width):
             u = g[c] * weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
-            orow[c] = exp(as_acc(xr[c], lowest) - top[c]) * a[c] - as_acc(u, lowest)
+            orow[c] = exp_nonpositive(as_acc(xr[c], lowest) - top[c]) * a[c] - as_acc(
+                u, lowest
+            )
 
 
 @parallel_kernel(fastmath=FASTMATH)

@@ -18,6 +18,8 @@ from softkern.ops.reduce import _flat
 from softkern.ops.softmax import (
     FLOAT_NAMES,
     _contiguous_view,
+    _gpu_out,
+    _host_out,
     cpu_input,
     cpu_store,
     cpu_target,
@@ -626,6 +628,7 @@ def cross_entropy_backward(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    out: Any = None,
     reduce: int = 2,
     block: int | None = None,
 ) -> Any:
@@ -635,7 +638,9 @@ def cross_entropy_backward(
     ``softmax(input) - onehot(target)``, weighted, smoothed and scaled by the
     reduction, in one pass per row that never stores the softmax. Arguments
     and errors as ``cross_entropy``; returns an array of the input's shape,
-    kind and dtype. Targets that are ignored get a zero gradient."""
+    kind and dtype, or writes it into `out` (C-contiguous, of that shape
+    and dtype, on the input's device, not overlapping it) and returns `out`.
+    Targets that are ignored get a zero gradient."""
     strategy = _launch.check_strategy(reduce)
     fn = "softkern.cross_entropy_backward"
     host = _host_operands(input, target, weight)
@@ -643,7 +648,7 @@ def cross_entropy_backward(
         x, t, w = host
         p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
         grads = _grads(p, "cpu", grad_output)[0]
-        out = _dispatch.host_empty(x.shape, p.out_dtype)
+        out = _grad_out_host(x, out, p)
         if out.size:
             _cpu_backward(p, x, t, w, grads, out)
         return out
@@ -652,7 +657,10 @@ def cross_entropy_backward(
         label_smoothing, block,
     )  # fmt: skip
     grads, on_host = _grads(loss.p, "cuda", grad_output)
-    native, out = loss.a.empty(loss.a.shape, loss.p.out_dtype)
+    if out is None:
+        native, out = loss.a.empty(loss.a.shape, loss.p.out_dtype)
+    else:
+        native, out = _gpu_out(loss.a, out, loss.p.out_dtype, fn)
     if math.prod(loss.a.shape) == 0:
         return native
     scale = _backward_scale(loss.p)
@@ -709,6 +717,108 @@ def cross_entropy_backward(
     return native
 
 
+def _grad_out_host(x: np.ndarray, out: Any, p: LossPlan) -> np.ndarray:
+    """The CPU array a gradient is written into: a fresh one, or the
+    caller's `out=`, checked (the kernels read a row's logits after
+    writing its gradient, so out may not overlap the input at all)."""
+    if out is None:
+        return _dispatch.host_empty(x.shape, p.out_dtype)
+    out = _host_out(x, out, p.out_dtype, p.fn)
+    if np.may_share_memory(out, x) and np.shares_memory(out, x):
+        raise ValueError(f"{p.fn}: out overlaps input; pass a separate array")
+    return out
+
+
+# index_rows_grad's per-row loss and weight arrays when it computes no loss.
+_NO_LOSSES = np.empty(0, np.float64)
+
+
+def cross_entropy_and_grad(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    out: Any = None,
+    reduce: int = 2,
+    block: int | None = None,
+) -> tuple[Any, Any]:
+    """``(cross_entropy(input, target, ...), its gradient with respect to
+    input)`` for ``grad_output = 1``: what a training step needs, in one
+    call. Arguments, results and errors as ``cross_entropy`` and
+    ``cross_entropy_backward``; `out` receives the gradient, as there (a
+    training loop can reuse one array step after step).
+
+    On the CPU, class-index targets over contiguous rows (input (N, C) or
+    (C,)) take one fused pass per row: the row is read from memory once,
+    its exponentials are written into the gradient while they are summed,
+    and the loss comes from the same statistics. Other layouts and
+    probability targets, and the GPU, run the forward and backward kernels
+    one after the other (the input is read twice)."""
+    strategy = _launch.check_strategy(reduce)
+    fn = "softkern.cross_entropy_and_grad"
+    options = (weight, ignore_index, reduction, label_smoothing)
+    host = _host_operands(input, target, weight)
+    if host is not None:
+        x, t, w = host
+        p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
+        if p.kind == "index" and p.plan.cpu_regime == "rows" and p.positions:
+            return _cpu_loss_and_grad(p, x, t, w, _grad_out_host(x, out, p))
+    loss = cross_entropy(input, target, *options, reduce=strategy, block=block)
+    grad = cross_entropy_backward(
+        input, target, 1.0, *options, out=out, reduce=strategy, block=block
+    )
+    return loss, grad
+
+
+def _index_scale(p: LossPlan, args: _HostArgs, scale: float) -> float:
+    """The gradient's factor for class-index targets, checked first: `scale`,
+    divided for the mean by the summed weights of the counted targets."""
+    total_weight, bad = cpu_losses.target_weight(
+        args.target, args.weight, p.ignore_index
+    )
+    if bad >= 0:
+        _raise_bad_target(p, args.target.flat[bad])
+    if p.reduction == "mean":
+        with np.errstate(divide="ignore"):  # all ignored: every row is 0
+            scale = np.float64(scale) / total_weight
+    return scale
+
+
+def _cpu_loss_and_grad(
+    p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any, out: np.ndarray
+) -> tuple[Any, np.ndarray]:
+    """``cross_entropy_and_grad``'s fused CPU pass (class indices, rows)."""
+    args = _host_args(p, x, t, w)
+    scale = _index_scale(p, args, 1.0)
+    target = cpu_target(out, p.acc)
+    rows = p.view[0]
+    losses = _dispatch.host_empty((rows,), np.float64)
+    weights = _dispatch.host_empty((rows,), np.float64)
+    total, count, _ = cpu_losses.index_rows_grad(
+        args.x3.reshape(rows, p.classes),
+        args.target.reshape(-1),
+        args.weight,
+        p.ignore_index,
+        p.smoothing,
+        _ONE,
+        scale,
+        target.reshape(rows, p.classes),
+        losses,
+        weights,
+        True,
+        p.lowest,
+        p.parallel,
+    )
+    cpu_store(out, target)
+    return _loss_result(p, losses, total, count), out
+
+
+_ONE = np.ones(1, np.float64)  # grad_output = 1, as the kernels read it
+
+
 def _backward_scale(p: LossPlan) -> float:
     """The reduction's factor on every gradient, but for the mean over
     class-index targets (divided by their summed weights, found apart)."""
@@ -752,21 +862,17 @@ def _cpu_backward(
             )
         cpu_store(out, target)
         return
-    total_weight, bad = cpu_losses.target_weight(
-        args.target, args.weight, p.ignore_index
-    )
-    if bad >= 0:
-        _raise_bad_target(p, args.target.flat[bad])
-    if p.reduction == "mean":
-        with np.errstate(divide="ignore"):  # all ignored: every row is 0
-            scale = np.float64(scale) / total_weight
+    scale = _index_scale(p, args, scale)
     common = (args.weight, p.ignore_index, p.smoothing, grads, scale)
     if rows:
-        cpu_losses.index_rows_backward(
+        cpu_losses.index_rows_grad(
             args.x3.reshape(outer, classes),
             args.target.reshape(-1),
             *common,
             out3.reshape(outer, classes),
+            _NO_LOSSES,
+            _NO_LOSSES,
+            False,
             p.lowest,
             p.parallel,
         )

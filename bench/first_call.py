@@ -44,6 +44,11 @@ CALLS = (
         "t = np.arange(64) % 40",
         "sk.cross_entropy_backward(x, t)",
     ),
+    (
+        "cross_entropy_and_grad",
+        "t = np.arange(64) % 40",
+        "sk.cross_entropy_and_grad(x, t)",
+    ),
     ("nll_loss", "t = np.arange(64) % 40", "sk.nll_loss(x, t)"),
     ("sigmoid", "", "sk.sigmoid(x)"),
     ("logsigmoid", "", "sk.logsigmoid(x)"),

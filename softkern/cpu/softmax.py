@@ -57,7 +57,8 @@ FASTMATH = {"reassoc"}
 # a block's relative error is at most about 2 + log2(SUM_BLOCK) roundings
 # whatever the row's length (the reassociated loop keeps 64 partial sums of
 # 8 terms each, then adds them pairwise); float64 accumulation of every
-# term kept the exponentials at half width and cost 1.7x on 4096-long rows.
+# term kept the exponentials at half width: 1.40 against 1.06 cycles per
+# element for the fused exp-and-sum loop.
 SUM_BLOCK = 512
 
 # A long row is worked on in tiles of this many elements: a tile's max and

@@ -729,8 +729,10 @@ def _grad_out_host(x: np.ndarray, out: Any, p: LossPlan) -> np.ndarray:
     return out
 
 
-# index_rows_grad's per-row loss and weight arrays when it computes no loss.
+# index_rows_grad's per-row loss and weight arrays when it computes no loss,
+# and grad_output = 1 as the kernels read it.
 _NO_LOSSES = np.empty(0, np.float64)
+_ONE = np.ones(1, np.float64)
 
 
 def cross_entropy_and_grad(
@@ -814,9 +816,6 @@ def _cpu_loss_and_grad(
     )
     cpu_store(out, target)
     return _loss_result(p, losses, total, count), out
-
-
-_ONE = np.ones(1, np.float64)  # grad_output = 1, as the kernels read it
 
 
 def _backward_scale(p: LossPlan) -> float:

@@ -51,11 +51,16 @@ from softkern.cpu.softmax import (
 
 
 @njit(inline="always", cache=True)
-def exps_rest(xt, ot, m, store, lowest):
-    """The rest of the slice xt against its max m: the sum of exp(x - m)
-    less the hits on m (each exactly 1), in blocks of SUM_BLOCK in the
-    accumulator type added in float64; the exponentials go into ot too
-    when `store` (the gradient's first sweep)."""
+def tile_stats(xt, ot, store, lowest):
+    """(max, rest) of the slice xt: rest = the sum of exp(x - max) less 1,
+    summed without the elements equal to the max (each adds exactly 1): a
+    confident prediction's loss is log(1 + rest) with rest tiny, which
+    1 + rest would round away even in float64. Blocks of SUM_BLOCK in the
+    accumulator type, added in float64, as in the softmax. With `store`
+    the exponentials go into ot too (the gradient's first sweep)."""
+    top = lowest
+    for j in range(xt.shape[0]):
+        top = maxnum(top, as_acc(xt[j], lowest))
     rest = 0.0
     ties = 0.0
     for b0 in range(0, xt.shape[0], SUM_BLOCK):
@@ -65,31 +70,15 @@ def exps_rest(xt, ot, m, store, lowest):
         hits = as_acc(0, lowest)  # exact: a block has fewer than 2**24
         for j in range(xb.shape[0]):
             v = as_acc(xb[j], lowest)
-            hit = v == m
-            e = exp_nonpositive(v - m)
+            hit = v == top
+            e = exp_nonpositive(v - top)
             if store:
                 ob[j] = e
             part += as_acc(0, lowest) if hit else e
             hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
         rest += part
         ties += hits
-    return rest + (ties - 1)
-
-
-@njit(inline="always", cache=True)
-def tile_stats(x, r, j0, j1, lowest):
-    """(max, rest) of x[r, j0:j1]: rest = the sum of exp(x - max) less 1
-    (blocks of SUM_BLOCK in the accumulator type, added in float64, as in
-    the softmax), summed without the elements equal to the max (each adds exactly
-    1): a confident prediction's loss is log(1 + rest) with rest tiny, which
-    1 + rest would round away even in float64."""
-    # A slice indexed from 0: indices Numba can see are never negative, so
-    # no wraparound check keeps the loops from vectorising.
-    xr = x[r, j0:j1]
-    top = lowest
-    for j in range(xr.shape[0]):
-        top = maxnum(top, as_acc(xr[j], lowest))
-    return top, exps_rest(xr, xr, top, False, lowest)
+    return top, rest + (ties - 1)
 
 
 @njit(inline="always", cache=True)
@@ -111,9 +100,12 @@ def merge_stats(top, rest, m, r):
 def row_stats(x, r, lowest):
     """(max, rest) of row r, tile by tile."""
     n = x.shape[1]
-    top, rest = tile_stats(x, r, 0, min(n, TILE), lowest)
+    # Slices indexed from 0: indices Numba can see are never negative, so
+    # no wraparound check keeps the loops from vectorising.
+    xr = x[r]
+    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, lowest)
     for j0 in range(TILE, n, TILE):
-        m, part = tile_stats(x, r, j0, min(n, j0 + TILE), lowest)
+        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, lowest)
         top, rest = merge_stats(top, rest, m, part)
     return top, rest
 
@@ -274,7 +266,7 @@ def index_row_grad(
     (loss, weight) as ``index_row``'s, reading the row from memory once.
 
     A tile of TILE elements at a time (while it is in L1): its max, then
-    exp(x - that max) into out[r] with their sum (``exps_rest``); the
+    exp(x - that max) into out[r] with their sum (``tile_stats``); the
     tiles' (max, rest) merge (``merge_stats``); then one sweep rescales
     each tile in place by exp(its max - the row's max) and writes
     g (p_j ((1 - eps) w_t + eps/C sum w) - eps/C w_j - (1 - eps) w_t
@@ -289,12 +281,9 @@ def index_row_grad(
         return 0.0, 0.0
     top, rest = lowest, 0.0
     for k in range((n + TILE - 1) // TILE):
-        xt = xr[k * TILE : min(n, (k + 1) * TILE)]
-        m = lowest
-        for j in range(xt.shape[0]):
-            m = maxnum(m, as_acc(xt[j], lowest))
+        ot = orow[k * TILE : min(n, (k + 1) * TILE)]
+        m, part = tile_stats(xr[k * TILE : min(n, (k + 1) * TILE)], ot, True, lowest)
         tile_top[k] = m
-        part = exps_rest(xt, orow[k * TILE : min(n, (k + 1) * TILE)], m, True, lowest)
         top, rest = (m, part) if k == 0 else merge_stats(top, rest, m, part)
     w_t = np.float64(weight[t])
     loss = 0.0

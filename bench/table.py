@@ -1,6 +1,6 @@
 """Markdown tables from the pytest-benchmark JSON of bench/bench_reduce.py,
 bench/bench_softmax.py, bench/bench_broadcast.py, bench/bench_losses.py and
-bench/bench_small.py.
+bench/bench_small.py and bench/bench_torch.py.
 
     python bench/table.py RESULTS.json [--device cpu] > table.md
     python bench/table.py RESULTS.json [--device cpu] --readme README.md
@@ -12,7 +12,7 @@ row belongs to is read from the JSON (``--bench`` picks one when a file holds
 several). With ``--readme`` each benchmark's tables replace whatever lies
 between its markers in that file (``MARKERS``: ``<!-- bench:reduce:start -->``
 ... ``<!-- bench:reduce:end -->``, and the same with ``softmax``,
-``broadcast``, ``losses`` and ``small``); a file without them is left
+``broadcast``, ``losses``, ``small`` and ``torch``); a file without them is left
 untouched.
 """
 
@@ -36,12 +36,15 @@ LOSSES_START = "<!-- bench:losses:start -->"
 LOSSES_END = "<!-- bench:losses:end -->"
 SMALL_START = "<!-- bench:small:start -->"
 SMALL_END = "<!-- bench:small:end -->"
+TORCH_START = "<!-- bench:torch:start -->"
+TORCH_END = "<!-- bench:torch:end -->"
 MARKERS = {
     "reduce": (START, END),
     "softmax": (SOFTMAX_START, SOFTMAX_END),
     "broadcast": (BROADCAST_START, BROADCAST_END),
     "losses": (LOSSES_START, LOSSES_END),
     "small": (SMALL_START, SMALL_END),
+    "torch": (TORCH_START, TORCH_END),
 }
 BENCHES = tuple(MARKERS)
 
@@ -671,6 +674,54 @@ def render_small(
     return "\n".join(out).rstrip() + "\n"
 
 
+TORCH_NOTE = (
+    "- `overhead`: one call on a (64, 10) float32 CPU tensor and on the "
+    "NumPy array over the same memory, in microseconds (min over the rounds); "
+    "`+ us` = what the tensor path adds (target: at most 5). `train step`: "
+    "`loss(x, t).backward()` on float32 logits that require grad, `x.grad` "
+    "reset first, softkern's fused loss-and-gradient op through autograd "
+    "against `F.cross_entropy`; `torch / softkern` = PyTorch's min time / "
+    "softkern's (target: at least 2)."
+)
+
+
+def render_torch(
+    data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
+) -> str:
+    by: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for b in benches:
+        info = b["extra_info"]
+        by.setdefault((info["group"], info["function"]), {})[info["impl"]] = b
+    out = [*header(data, {"cpu"}, TORCH_NOTE, _row_versions(benches)), ""]
+    out += [
+        "| overhead (64x10 float32) | NumPy us | tensor us | + us |",
+        "|---|---:|---:|---:|",
+    ]
+    for (group, function), rows in by.items():
+        if group != "overhead" or len(rows) < 2:
+            continue
+        host, tensor = rows["numpy"]["stats"]["min"], rows["tensor"]["stats"]["min"]
+        out.append(
+            f"| {function} | {fmt_us(host)} | {fmt_us(tensor)} | "
+            f"{fmt_us(tensor - host)} |"
+        )
+    out += [
+        "",
+        "| train step | shape | torch ms | softkern ms | torch / softkern |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (group, function), rows in by.items():
+        if group != "train step" or len(rows) < 2:
+            continue
+        ours, theirs = rows["softkern"]["stats"]["min"], rows["torch"]["stats"]["min"]
+        info = rows["softkern"]["extra_info"]
+        out.append(
+            f"| {function} | {_shape(info)} {info.get('dtype', '')} | "
+            f"{fmt_ms(theirs)} | {fmt_ms(ours)} | {theirs / ours:.2f} |"
+        )
+    return "\n".join(out).rstrip() + "\n"
+
+
 def select(
     data: dict[str, Any], device: str | None, bench: str | None = None
 ) -> list[dict[str, Any]]:
@@ -714,6 +765,8 @@ def render(
         return render_losses(data, benches, summary)
     if bench == "small":
         return render_small(data, benches, summary)
+    if bench == "torch":
+        return render_torch(data, benches, summary)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for b in benches:
         groups.setdefault(_group_key(b), []).append(b)

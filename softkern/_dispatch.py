@@ -1,14 +1,16 @@
 """The argument path shared by every operation: where an array lives, the
 plans cached per argument shape, and how results go back in the caller's kind.
 
-NumPy arrays, NumPy and Python scalars and sequences run on the CPU. Anything
-that exports ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
-PyTorch CUDA tensors) and the CUDA simulator's device arrays run on the GPU.
-A GPU call returns the caller's kind of object (CuPy in, CuPy out; torch in,
-torch out) whose memory came from the caller's own allocator, and it launches
-on the caller's current stream, because PyTorch's interface carries no stream:
-launching on torch's stream orders our kernels after torch's pending work on
-the input and before torch's later work on our output, with no host sync.
+NumPy arrays, PyTorch CPU tensors (the public functions view them as NumPy
+arrays: see ``accepts_tensors``), NumPy and Python scalars and sequences run
+on the CPU. Anything that exports ``__cuda_array_interface__`` (Numba device
+arrays, CuPy arrays, PyTorch CUDA tensors) and the CUDA simulator's device
+arrays run on the GPU. A GPU call returns the caller's kind of object (CuPy
+in, CuPy out; torch in, torch out) whose memory came from the caller's own
+allocator, and it launches on the caller's current stream, because PyTorch's
+interface carries no stream: launching on torch's stream orders our kernels
+after torch's pending work on the input and before torch's later work on our
+output, with no host sync.
 
 The CPU path is built to cost about a microsecond before the kernel runs:
 ``cpu_array`` returns a NumPy array untouched, and each operation computes
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -37,7 +40,8 @@ Device = Literal["cpu", "cuda"]
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 _CPU_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
 ACCEPTED = (
-    "NumPy arrays, Python or NumPy scalars and sequences (CPU); Numba device "
+    "NumPy arrays, PyTorch CPU tensors, Python or NumPy scalars and sequences "
+    "(CPU); Numba device "
     "arrays, CuPy arrays, PyTorch CUDA tensors or any object with "
     "__cuda_array_interface__ (GPU)"
 )
@@ -101,6 +105,46 @@ def _is_torch(obj: Any) -> bool:
     return _module_of(obj) == "torch" and hasattr(obj, "is_cuda")
 
 
+def _torch_module() -> Any:
+    # sys.modules, not functools.cache: torch.compile traces this call.
+    module = sys.modules.get("softkern._torch")
+    if module is None:
+        from softkern import _torch as module
+    return module
+
+
+def _holds(tensor: type, args: tuple, kwargs: dict) -> bool:
+    for value in args:
+        if isinstance(value, tensor):
+            return True
+    for value in kwargs.values():
+        if isinstance(value, tensor):
+            return True
+    return False
+
+
+def accepts_tensors(fn: F) -> F:
+    """Let the public function `fn` take PyTorch tensors and return them.
+
+    A call holding no tensor costs one dict lookup more (torch not imported)
+    or a type check per argument. A call with one goes to
+    ``softkern._torch.call``: CPU tensors are viewed as NumPy arrays (no
+    copy) and results come back as tensors of the same memory, and a tensor
+    that requires grad, or a call under ``torch.compile``, goes through the
+    ``softkern::`` custom ops, which autograd and the compiler know.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and _holds(getattr(torch, "Tensor", ()), args, kwargs):
+            return _torch_module().call(name, fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 def _is_sim_array(obj: Any) -> bool:
     if not SIMULATOR:
         return False
@@ -111,12 +155,7 @@ def _is_sim_array(obj: Any) -> bool:
 
 def _device_of_one(obj: Any) -> Device:
     if _is_torch(obj):
-        if obj.is_cuda:
-            return "cuda"
-        raise TypeError(
-            "softkern got a PyTorch CPU tensor; pass tensor.numpy() for the CPU "
-            f"kernels or a CUDA tensor for the GPU kernels (accepted: {ACCEPTED})"
-        )
+        return "cuda" if obj.is_cuda else "cpu"
     if _is_sim_array(obj) or hasattr(obj, "__cuda_array_interface__"):
         return "cuda"
     if isinstance(obj, _CPU_TYPES):

@@ -43,6 +43,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ptx)
 
 
+def pytest_collection_finish(session):
+    """Start compiling every kernel to PTX now (minutes of NVVM in two
+    processes) if the PTX tests are to run, so it overlaps the other tests."""
+    if any(
+        item.path.name == "test_ptx.py" and "compiled" in item.fixturenames
+        for item in session.items
+    ):
+        import test_ptx
+
+        session.config.stash[test_ptx.PTX_JOBS] = test_ptx.start_compiles()
+
+
+def pytest_sessionfinish(session):
+    """Stop early-started compiles that no test waited for (a run cut short)."""
+    import sys
+
+    test_ptx = sys.modules.get("test_ptx")
+    procs = test_ptx and session.config.stash.get(test_ptx.PTX_JOBS, None)
+    for proc in (procs or {}).values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def pytest_report_header(config):
     if numba_config.ENABLE_CUDASIM:
         mode = "the CUDA simulator"

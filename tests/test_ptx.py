@@ -15,8 +15,8 @@ kernel of ``softkern.cuda.reduce`` for every supported dtype with
 
 The compiling runs in ``python -m softkern.testing.ptx`` subprocesses with
 the simulator off, one per compute capability (numba-cuda caches device
-functions per process with the first cc it compiled them for), both at once
-to use two cores.
+functions per process with the first cc it compiled them for), started when
+collection ends so that they compile while the rest of the suite runs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from pathlib import Path
 import pytest
 
 from softkern.testing.ptx import kernel_facts
+
+# Where conftest keeps the compiles it started early.
+PTX_JOBS = pytest.StashKey[dict]()
 
 ROOT = Path(__file__).resolve().parents[1]
 CCS = ("8.0", "9.0")
@@ -108,15 +111,16 @@ def test_mangled_locals_in_names_are_not_local_memory():
 # --- every kernel, compiled by NVVM ------------------------------------------
 
 
-def _compile_all() -> dict[str, list[dict]]:
-    """Run one ``softkern.testing.ptx`` process per cc, concurrently; return
-    each cc's kernel records, or skip if this machine has no NVVM."""
+def start_compiles() -> dict[str, subprocess.Popen]:
+    """Start one ``softkern.testing.ptx`` process per cc. conftest calls this
+    as soon as collection ends, so that NVVM works while the other tests run
+    (they use a core each at most in the simulator); the fixture collects."""
     env = dict(os.environ)
     env["NUMBA_ENABLE_CUDASIM"] = "0"  # the simulator has no compile_ptx
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), env.get("PYTHONPATH")) if p
     )
-    procs = {
+    return {
         cc: subprocess.Popen(
             [sys.executable, "-m", "softkern.testing.ptx", "--cc", cc],
             cwd=ROOT,
@@ -127,6 +131,11 @@ def _compile_all() -> dict[str, list[dict]]:
         )
         for cc in CCS
     }
+
+
+def _compile_all(procs: dict[str, subprocess.Popen]) -> dict[str, list[dict]]:
+    """Wait for the `procs` of ``start_compiles``; return each cc's kernel
+    records, or skip if this machine has no NVVM."""
     deadline = time.monotonic() + TIMEOUT_S
     outputs = {}
     try:
@@ -157,8 +166,10 @@ def _compile_all() -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, list[dict]]:
-    return _compile_all()
+def compiled(request) -> dict[str, list[dict]]:
+    procs = request.config.stash.get(PTX_JOBS, None) or start_compiles()
+    request.config.stash[PTX_JOBS] = None
+    return _compile_all(procs)
 
 
 def _offenders(records, keep) -> str:

@@ -492,6 +492,7 @@ def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
     return native
 
 
+@_dispatch.accepts_tensors
 def cross_entropy(
     input: Any,
     target: Any,
@@ -540,6 +541,7 @@ def cross_entropy(
     return _cpu_forward(p, x, t, w)
 
 
+@_dispatch.accepts_tensors
 def nll_loss(
     input: Any,
     target: Any,
@@ -619,6 +621,7 @@ def _grads(p: LossPlan, device: str, grad_output: Any) -> tuple[Any, bool]:
     return flat, False
 
 
+@_dispatch.accepts_tensors
 def cross_entropy_backward(
     input: Any,
     target: Any,
@@ -735,6 +738,7 @@ _NO_LOSSES = np.empty(0, np.float64)
 _ONE = np.ones(1, np.float64)
 
 
+@_dispatch.accepts_tensors
 def cross_entropy_and_grad(
     input: Any,
     target: Any,

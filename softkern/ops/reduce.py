@@ -177,6 +177,7 @@ def _reduce_gpu(
     return native
 
 
+@_dispatch.accepts_tensors
 def sum(
     x: Any,
     dim: Dim = None,
@@ -196,6 +197,7 @@ def sum(
     return _reduce("sum", x, dim, keepdim, reduce, block)
 
 
+@_dispatch.accepts_tensors
 def amax(
     x: Any,
     dim: Dim = None,
@@ -209,6 +211,7 @@ def amax(
     return _reduce("amax", x, dim, keepdim, reduce, block)
 
 
+@_dispatch.accepts_tensors
 def amin(
     x: Any,
     dim: Dim = None,
@@ -252,6 +255,7 @@ def dot_plan(
     return strategy, _launch.full_reduce_plan(x_shape[0], block), parallel
 
 
+@_dispatch.accepts_tensors
 def dot(x: Any, y: Any, *, reduce: int = 2, block: int | None = None) -> Any:
     """Dot product of two 1-D float vectors of one dtype, like ``torch.dot``.
 

@@ -304,6 +304,7 @@ def _gpu_out(
     return out, o.array
 
 
+@_dispatch.accepts_tensors
 def softmax(
     x: Any,
     dim: int | None = None,
@@ -332,6 +333,7 @@ def softmax(
     return _forward("softmax", x, dim, dtype, out, reduce, block)
 
 
+@_dispatch.accepts_tensors
 def log_softmax(
     x: Any,
     dim: int | None = None,
@@ -382,6 +384,7 @@ def logsumexp_plan(
     return LogsumexpCall(dims, out_shape, call)
 
 
+@_dispatch.accepts_tensors
 def logsumexp(
     x: Any,
     dim: int | Sequence[int],
@@ -530,6 +533,7 @@ def _backward_gpu(
     return native
 
 
+@_dispatch.accepts_tensors
 def softmax_backward(
     grad_output: Any,
     output: Any,
@@ -544,6 +548,7 @@ def softmax_backward(
     return _backward("softmax_backward", grad_output, output, dim, reduce, block)
 
 
+@_dispatch.accepts_tensors
 def log_softmax_backward(
     grad_output: Any,
     output: Any,

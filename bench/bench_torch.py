@@ -1,0 +1,93 @@
+"""softkern called from PyTorch: what the tensor path costs, and a training step.
+
+``pytest bench/bench_torch.py --benchmark-only`` times two groups:
+
+- ``overhead``: each function on a (64, 10) float32 CPU tensor against the
+  same call on the NumPy array over the same memory (``tensor.numpy()``):
+  the difference is what the tensor path adds (viewing the tensor, wrapping
+  the result). Target: at most 5 us.
+- ``train step``: the loss's forward and backward through autograd on
+  (8192, 4096) float32 logits that require grad and int64 targets:
+  ``sk.cross_entropy(x, t).backward()`` (the fused loss-and-gradient op)
+  against ``F.cross_entropy(x, t).backward()``, ``x.grad`` reset before
+  each. Target: PyTorch's time / softkern's >= 2.
+
+A plain ``pytest`` runs each row once at small sizes and checks its answer.
+``python bench/table.py RESULTS.json --bench torch`` makes the table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _timing import time_row
+
+import softkern as sk
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+SEED = 20261130
+OVERHEAD_SHAPE = (64, 10)
+TRAIN_SHAPE = (8192, 4096)
+SMOKE_TRAIN_SHAPE = (64, 1000)
+
+CALLS = {
+    "softmax": lambda x, t: sk.softmax(x, 1),
+    "log_softmax": lambda x, t: sk.log_softmax(x, 1),
+    "logsumexp": lambda x, t: sk.logsumexp(x, 1),
+    "sigmoid": lambda x, t: sk.sigmoid(x),
+    "sum": lambda x, t: sk.sum(x, 1),
+    "cross_entropy": lambda x, t: sk.cross_entropy(x, t),
+}
+
+
+def _operands(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([SEED, *shape])
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return x, rng.integers(0, shape[1], shape[0])
+
+
+@pytest.mark.parametrize("impl", ["numpy", "tensor"])
+@pytest.mark.parametrize("function", CALLS)
+def test_overhead(benchmark, function, impl):
+    x, t = _operands(OVERHEAD_SHAPE)
+    call = CALLS[function]
+    expected = call(x, t)
+    if impl == "tensor":
+        x, t = torch.from_numpy(x), torch.from_numpy(t)
+        got = call(x, t)
+        assert isinstance(got, torch.Tensor)
+        np.testing.assert_array_equal(got.numpy(), expected)
+    benchmark.group = f"overhead {function}"
+    benchmark.extra_info.update(
+        bench="torch", group="overhead", function=function, impl=impl,
+        shape=list(OVERHEAD_SHAPE), device="cpu",
+    )  # fmt: skip
+    time_row(benchmark, lambda: call(x, t), x.nbytes)
+
+
+@pytest.mark.parametrize("impl", ["softkern", "torch"])
+def test_train_step(benchmark, impl):
+    shape = SMOKE_TRAIN_SHAPE if benchmark.disabled else TRAIN_SHAPE
+    x_host, t_host = _operands(shape)
+    x = torch.from_numpy(x_host).requires_grad_()
+    t = torch.from_numpy(t_host)
+    loss_fn = sk.cross_entropy if impl == "softkern" else F.cross_entropy
+
+    def step() -> None:
+        x.grad = None
+        loss_fn(x, t).backward()
+
+    step()
+    ours = x.grad
+    reference = x.detach().clone().requires_grad_()
+    F.cross_entropy(reference, t).backward()
+    torch.testing.assert_close(ours, reference.grad)
+    benchmark.group = f"train step {shape[0]}x{shape[1]} float32"
+    benchmark.extra_info.update(
+        bench="torch", group="train step", function="cross_entropy + backward",
+        impl=impl, shape=list(shape), dtype="float32", device="cpu",
+    )  # fmt: skip
+    # The least a step moves: the logits read, the gradient written.
+    time_row(benchmark, step, 2 * x_host.nbytes + t_host.nbytes)

@@ -4,10 +4,10 @@ Imported the first time a public function meets a tensor (never by
 ``import softkern``). Two ways through:
 
 - *Eager, nothing to differentiate* (no argument requires grad, or grad is
-  off): CPU tensors are viewed as NumPy arrays (``Tensor.numpy()``, no copy;
-  bfloat16 through its 16-bit pattern), CUDA tensors go to the GPU path as
-  they are, and NumPy results come back as tensors over the same memory
-  (``torch.from_numpy``). This path adds about 2 us to a call.
+  off): CPU tensors are viewed as NumPy arrays (``Tensor.numpy()``, no
+  copy), CUDA tensors go to the GPU path as they are, and NumPy results
+  come back as tensors over the same memory (``torch.from_numpy``). This
+  path adds about 3 us to a call (bench/bench_torch.py).
 - *Autograd or the compiler*: a tensor that requires grad, a tensor
   subclass (a compiler's fake or functional tensor), or a call traced by
   ``torch.compile`` goes through the ``softkern::`` custom ops registered
@@ -40,25 +40,9 @@ from softkern.ops import losses as _losses
 from softkern.ops import softmax as _softmax
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_BFLOAT16: np.dtype | None = None
 
 
 # --- tensors as NumPy arrays and back ----------------------------------------
-
-
-def _bfloat16() -> np.dtype:
-    """ml_dtypes' bfloat16, the NumPy dtype of torch's bfloat16 bits."""
-    global _BFLOAT16
-    if _BFLOAT16 is None:
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise TypeError(
-                "softkern needs ml_dtypes (pip install ml_dtypes) to read "
-                "bfloat16 tensors on the CPU"
-            ) from None
-        _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-    return _BFLOAT16
 
 
 def host_view(t: Tensor) -> np.ndarray:
@@ -66,7 +50,10 @@ def host_view(t: Tensor) -> np.ndarray:
     if t.requires_grad:
         t = t.detach()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_bfloat16())
+        raise TypeError(
+            "softkern has no bfloat16 kernels yet; pass float16, float32 or "
+            "float64 (tensor.float())"
+        )
     return t.numpy()
 
 
@@ -85,8 +72,6 @@ def _as_tensor(result: Any, out: Any, out_view: Any) -> Any:
         return result
     if out_view is not None and result is out_view:
         return out
-    if _BFLOAT16 is not None and result.dtype == _BFLOAT16:
-        return torch.from_numpy(result.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(result)
 
 
@@ -199,12 +184,6 @@ class Op:
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    if dtype == torch.bfloat16:
-        return _bfloat16()
-    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 # --- softmax and log_softmax --------------------------------------------------

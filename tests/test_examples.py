@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train_digits  # noqa: E402
+import train_digits
 
 
 def test_train_digits_matches_pytorch_step_for_step(capsys):

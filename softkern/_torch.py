@@ -379,12 +379,26 @@ def _cross_entropy_impl(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    softcap: float | None,
+    lse_square_scale: float,
     reduce: int,
     block: int | None,
 ) -> Tensor:
     fn = _raw(_losses.cross_entropy)
     args = (input, target, weight, ignore_index, reduction, label_smoothing)
-    return eager(fn, args, {"reduce": reduce, "block": block})
+    options = _loss_options(softcap, lse_square_scale, reduce, block)
+    return eager(fn, args, options)
+
+
+def _loss_options(
+    softcap: float | None, lse_square_scale: float, reduce: int, block: int | None
+) -> dict[str, Any]:
+    return {
+        "softcap": softcap,
+        "lse_square_scale": lse_square_scale,
+        "reduce": reduce,
+        "block": block,
+    }
 
 
 def _cross_entropy_backward_impl(
@@ -395,12 +409,15 @@ def _cross_entropy_backward_impl(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    softcap: float | None,
+    lse_square_scale: float,
     reduce: int,
     block: int | None,
 ) -> Tensor:
     fn = _raw(_losses.cross_entropy_backward)
     args = (input, target, grad_output, weight, ignore_index, reduction)
-    options = {"label_smoothing": label_smoothing, "reduce": reduce, "block": block}
+    options = _loss_options(softcap, lse_square_scale, reduce, block)
+    options["label_smoothing"] = label_smoothing
     return eager(fn, args, options)
 
 
@@ -413,6 +430,10 @@ CROSS_ENTROPY_BACKWARD = Op(
 )
 
 
+# The gradients of the cross-entropy ops' arguments after input: none.
+_NO_GRADS = (None,) * 9
+
+
 def _cross_entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
     ctx.options = inputs[3:]
@@ -421,7 +442,7 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_gradient(ctx, grad_loss):
     input, target, weight = ctx.saved_tensors
     grad = CROSS_ENTROPY_BACKWARD(input, target, grad_loss, weight, *ctx.options)
-    return grad, None, None, None, None, None, None, None
+    return (grad, *_NO_GRADS)
 
 
 # The op by itself differentiates through the backward kernel;
@@ -439,12 +460,15 @@ def _cross_entropy_and_grad_impl(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    softcap: float | None,
+    lse_square_scale: float,
     reduce: int,
     block: int | None,
 ) -> tuple[Tensor, Tensor]:
     fn = _raw(_losses.cross_entropy_and_grad)
     args = (input, target, weight, ignore_index, reduction, label_smoothing)
-    return eager(fn, args, {"reduce": reduce, "block": block})
+    options = _loss_options(softcap, lse_square_scale, reduce, block)
+    return eager(fn, args, options)
 
 
 def _cross_entropy_and_grad_fake(input, target, weight, ignore_index, reduction, *rest):
@@ -464,7 +488,7 @@ def _fused_gradient(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if ctx.reduction == "none":
         grad_loss = grad_loss.unsqueeze(ctx.class_dim)
-    return grad * grad_loss, None, None, None, None, None, None, None
+    return (grad * grad_loss, *_NO_GRADS)
 
 
 def _fused_eager_setup(ctx, inputs, output):
@@ -489,7 +513,7 @@ def _fused_eager_gradient(ctx, grad_loss, _grad_of_grad):
     the GPU always scales). A second backward through the same loss runs
     the backward kernel on the saved inputs."""
     if grad_loss is None:
-        return (None,) * 8
+        return (None, *_NO_GRADS)
     grad = ctx.__dict__.pop("grad", None)
     if grad is None:
         input, target, weight = ctx.saved_tensors
@@ -498,7 +522,7 @@ def _fused_eager_gradient(ctx, grad_loss, _grad_of_grad):
         grad.mul_(grad_loss.unsqueeze(ctx.class_dim))
     elif grad_loss.is_cuda or grad_loss.item() != 1.0:
         grad.mul_(grad_loss)
-    return grad, None, None, None, None, None, None, None
+    return (grad, *_NO_GRADS)
 
 
 CROSS_ENTROPY_AND_GRAD = Op(
@@ -529,6 +553,8 @@ def _cross_entropy_through(
     reduction="mean",
     label_smoothing=0.0,
     *,
+    softcap=None,
+    lse_square_scale=0.0,
     reduce=2,
     block=None,
 ):
@@ -540,6 +566,8 @@ def _cross_entropy_through(
         int(ignore_index),
         reduction,
         float(label_smoothing),
+        None if softcap is None else float(softcap),
+        float(lse_square_scale),
         reduce,
         block,
     )

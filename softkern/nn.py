@@ -104,7 +104,8 @@ def _build(base: type, register_weight: bool) -> dict[str, type]:
 
     class CrossEntropyLoss(_Loss):
         """``softkern.cross_entropy`` with its options fixed, like
-        ``torch.nn.CrossEntropyLoss``."""
+        ``torch.nn.CrossEntropyLoss``; `softcap` and `lse_square_scale`
+        (keyword only) as in ``softkern.cross_entropy``."""
 
         def __init__(
             self,
@@ -114,9 +115,14 @@ def _build(base: type, register_weight: bool) -> dict[str, type]:
             reduce: Any = None,
             reduction: str = "mean",
             label_smoothing: float = 0.0,
+            *,
+            softcap: float | None = None,
+            lse_square_scale: float = 0.0,
         ) -> None:
             super().__init__(weight, size_average, ignore_index, reduce, reduction)
             self.label_smoothing = label_smoothing
+            self.softcap = softcap
+            self.lse_square_scale = lse_square_scale
 
         def forward(self, input: Any, target: Any) -> Any:
             return losses.cross_entropy(
@@ -126,6 +132,8 @@ def _build(base: type, register_weight: bool) -> dict[str, type]:
                 self.ignore_index,
                 self.reduction,
                 self.label_smoothing,
+                softcap=self.softcap,
+                lse_square_scale=self.lse_square_scale,
             )
 
     class NLLLoss(_Loss):

@@ -973,3 +973,138 @@ def test_loss_and_grad_leaves_inputs_alone_and_handles_empty(rng):
     empty = np.empty((0, 4), np.float32)
     loss, grad = sk.cross_entropy_and_grad(empty, np.empty(0, np.int64))
     assert np.isnan(loss) and grad.shape == (0, 4)
+
+
+# --- softcap and the z-loss (lse_square_scale) ----------------------------------
+
+CAPPED = {"softcap": 12.0, "lse_square_scale": 1e-2}
+
+
+def check_gradient(got, ref, dtype):
+    """A gradient against the float64 reference, relative to its largest
+    element (the options move every element: no per-position floor)."""
+    got = np.asarray(got)
+    assert got.dtype == dtype and got.shape == ref.shape
+    scale = max(np.abs(ref).max(initial=0), 1e-300)
+    err = np.abs(got.astype(np.float64) - ref).max(initial=0)
+    assert err <= 10 * TOL[np.dtype(dtype).type] * scale, (err, scale)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("target", ["index", "probs"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (7, 5),  # rows
+        (6,),  # (C,): one row, a 0-d target
+        (2, 9000),  # rows of three tiles: the fused gradient's merge
+        (3, 4, 6),  # columns (strips)
+    ],
+)
+def test_softcap_and_z_loss_match_reference(rng, shape, dtype, target, reduction):
+    # logits of scale 20 against a cap of 12: tanh well into its bend
+    x = logits(rng, shape, dtype, scale=20.0)
+    w = rng.uniform(0.2, 2.0, classes(shape)).astype(dtype)
+    kw = {**CAPPED, "weight": w, "reduction": reduction, "label_smoothing": 0.1}
+    if target == "index":
+        t = index_target(rng, shape, ignore_index=-100)
+        kw["ignore_index"] = -100
+    else:
+        t = prob_target(rng, shape)
+    check_loss(sk.cross_entropy(x, t, **kw), ref_ce(x, t, **kw), dtype)
+    g = 0.7 if reduction != "none" else rng.standard_normal(batch(shape))
+    check_gradient(
+        sk.cross_entropy_backward(x, t, g, **kw), ref_ce_backward(x, t, g, **kw), dtype
+    )
+    loss, grad = sk.cross_entropy_and_grad(x, t, **kw)
+    check_loss(loss, ref_ce(x, t, **kw), dtype)
+    check_gradient(grad, ref_ce_backward(x, t, **kw), dtype)
+
+
+@pytest.mark.parametrize("target", ["index", "probs"])
+@pytest.mark.parametrize("shape", [(4, 7), (3, 5, 2)])  # rows, columns
+def test_softcap_and_z_loss_gradient_is_the_finite_difference(rng, shape, target):
+    x = logits(rng, shape, np.float64, scale=10.0)
+    t = index_target(rng, shape) if target == "index" else prob_target(rng, shape)
+    kw = {"softcap": 5.0, "lse_square_scale": 0.1, "label_smoothing": 0.2}
+    grad = sk.cross_entropy_backward(x, t, **kw)
+    h = 1e-6
+    numeric = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        rise = sk.cross_entropy(up, t, **kw) - sk.cross_entropy(down, t, **kw)
+        numeric[i] = rise / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_softcap_and_z_loss_agree_with_torch_autograd(rng):
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    x = logits(rng, (6, 9), np.float64, scale=10.0)
+    t = index_target(rng, (6, 9), ignore_index=-100)
+    w = rng.uniform(0.2, 2.0, 9)
+    cap, zscale = 7.0, 0.05
+    xt = torch.from_numpy(x).requires_grad_()
+    tt, wt = torch.from_numpy(t), torch.from_numpy(w)
+    z = cap * torch.tanh(xt / cap)
+    counted = tt != -100
+    per = (
+        functional.cross_entropy(z, tt, wt, reduction="none", label_smoothing=0.2)
+        + zscale * torch.logsumexp(z, 1) ** 2 * counted
+    )
+    loss = per.sum() / torch.where(counted, wt[tt.clamp(min=0)], 0).sum()
+    loss.backward()
+    kw = {"weight": w, "label_smoothing": 0.2, "softcap": cap}
+    kw["lse_square_scale"] = zscale
+    got, grad = sk.cross_entropy_and_grad(x, t, **kw)
+    np.testing.assert_allclose(got, loss.item(), rtol=1e-13)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_softcap_bounds_infinite_logits_and_a_huge_cap_changes_nothing(rng):
+    x = logits(rng, (4, 6))
+    t = index_target(rng, (4, 6))
+    x[0, 2], x[1, :] = np.inf, -np.inf  # capped to +-cap: finite losses
+    got = sk.cross_entropy(x, t, softcap=3.0, reduction="none")
+    assert np.all(np.isfinite(got))
+    check_loss(got, ref_ce(x, t, softcap=3.0, reduction="none"), np.float32)
+    plain = logits(rng, (4, 6))
+    np.testing.assert_allclose(
+        sk.cross_entropy(plain, t, softcap=1e6), sk.cross_entropy(plain, t), rtol=1e-6
+    )
+    assert sk.cross_entropy(plain, t, softcap=None, lse_square_scale=0.0) == (
+        sk.cross_entropy(plain, t)
+    )
+
+
+def test_z_loss_skips_ignored_rows(rng):
+    x = logits(rng, (5, 4))
+    t = np.array([0, -100, 3, -100, 1])
+    z = sk.cross_entropy(x, t, lse_square_scale=0.5, reduction="none")
+    assert z[1] == z[3] == 0
+    lse = np.log(np.exp(x.astype(np.float64)).sum(1))
+    plain = sk.cross_entropy(x, t, reduction="none")
+    np.testing.assert_allclose(z - plain, np.where(t >= 0, 0.5 * lse**2, 0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("softcap", 0.0),
+        ("softcap", -1.0),
+        ("softcap", np.inf),
+        ("softcap", True),
+        ("softcap", "10"),
+        ("lse_square_scale", -1e-4),
+        ("lse_square_scale", np.nan),
+        ("lse_square_scale", None),
+    ],
+)
+def test_bad_softcap_or_z_loss_scale_raises(rng, option, value):
+    x, t = logits(rng, (3, 4)), index_target(rng, (3, 4))
+    for fn in (sk.cross_entropy, sk.cross_entropy_backward, sk.cross_entropy_and_grad):
+        with pytest.raises(ValueError, match=option):
+            fn(x, t, **{option: value})

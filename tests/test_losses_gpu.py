@@ -24,6 +24,7 @@ from test_losses_cpu import (
     TOL,
     batch,
     check_backward,
+    check_gradient,
     check_loss,
     class_dim,
     classes,
@@ -31,6 +32,7 @@ from test_losses_cpu import (
     logits,
     prob_target,
     ref_ce,
+    ref_ce_backward,
     ref_nll,
 )
 from test_softmax_gpu import small, small_regimes  # noqa: F401 (a fixture)
@@ -219,6 +221,33 @@ def test_loss_and_grad_and_out(rng):
         sk.cross_entropy_backward(d, dt, out=np.empty_like(x), **kw)
     with pytest.raises(ValueError, match="shape"):
         sk.cross_entropy_and_grad(d, dt, out=gpu(np.empty((2, 41), np.float32)))
+
+
+@pytest.mark.usefixtures("small_regimes")
+@pytest.mark.parametrize(
+    ("shape", "regime", "target"),
+    [
+        (CASES[0][0], "warp", "index"),
+        (CASES[3][0], "stream", "probs"),
+        (CASES[4][0], "columns", "index"),
+    ],
+)
+def test_softcap_and_z_loss(rng, shape, regime, target):
+    assert regime_of(shape) == regime
+    x = logits(rng, shape, scale=20.0)  # against a cap of 12: tanh bends
+    if target == "index":
+        t = index_target(rng, shape, ignore_index=-100)
+    else:
+        t = prob_target(rng, shape)
+    kw = {"softcap": 12.0, "lse_square_scale": 1e-2, "label_smoothing": 0.1}
+    d, dt = gpu(x), gpu(t)
+    for reduction in ("none", "mean"):
+        got = sk.cross_entropy(d, dt, reduction=reduction, block=BLOCK, **kw)
+        check_loss(to_host(got), ref_ce(x, t, reduction=reduction, **kw), np.float32)
+    g = rng.standard_normal(batch(shape)).astype(np.float32)
+    got = sk.cross_entropy_backward(d, dt, gpu(g), reduction="none", block=BLOCK, **kw)
+    want = ref_ce_backward(x, t, g, reduction="none", **kw)
+    check_gradient(to_host(got), want, np.float32)
 
 
 def test_nll_loss(rng):

@@ -290,6 +290,38 @@ def test_all_ignored_mean_gradient_is_zero_as_in_pytorch(rng):
         torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def _capped_z_loss(x, t, cap, zscale, **kw):
+    """PyTorch's cross_entropy of soft-capped logits plus the z-loss of the
+    counted rows (class indices, no weight: the mean over counted rows)."""
+    z = cap * torch.tanh(x / cap)
+    counted = t != kw.get("ignore_index", -100)
+    per = F.cross_entropy(z, t, reduction="none", **kw)
+    per = per + zscale * torch.logsumexp(z, 1) ** 2 * counted
+    return per.sum() / counted.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softcap_and_z_loss_through_autograd(rng, dtype):
+    x = tensor(rng, (6, 9), dtype) * 10
+    t = targets(rng, (6,), 9, ignore=-100)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    kw = {"label_smoothing": 0.1}
+    l1 = sk.cross_entropy(x1, t, softcap=7.0, lse_square_scale=0.05, **kw)
+    l2 = _capped_z_loss(x2, t, 7.0, 0.05, **kw)
+    torch.testing.assert_close(l1, l2)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    module = sk.nn.CrossEntropyLoss(
+        label_smoothing=0.1, softcap=7.0, lse_square_scale=0.05
+    )
+    torch.testing.assert_close(module(x, t), l2.detach())
+    x64 = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v: sk.cross_entropy(v, t, softcap=3.0, lse_square_scale=0.1), (x64,)
+    )
+
+
 # --- the registered operators ------------------------------------------------------
 
 
@@ -298,7 +330,8 @@ def _op_samples(rng):
     t = targets(rng, (5,), 6, ignore=-100)
     w = torch.from_numpy(rng.random(6) + 0.5)
     g = tensor(rng, (5, 6))
-    ce = (x, t, w, -100, "mean", 0.1, 2, None)
+    # label_smoothing 0.1, softcap 8, lse_square_scale 0.01, reduce, block
+    ce = (x, t, w, -100, "mean", 0.1, 8.0, 0.01, 2, None)
     return {
         "softmax": (x, 1, None, 2, None),
         "log_softmax": (x, 0, torch.float32, 2, None),

@@ -23,6 +23,14 @@ with a and b per row (weights, smoothing and the reduction's scale folded
 in), minus the target's one-hot term. With the loss wanted too, it comes
 from the same statistics and the target's logit.
 
+Two options of fused training kernels ride along: ``cap`` (softcap, 0 for
+none) replaces every logit read by cap * tanh(x / cap) (``capped``; the max
+is the capped max of the raw logits, tanh being increasing), and the
+gradient takes the factor ``capped_slope`` in one more sweep over the row;
+``zscale`` adds zscale * lse**2 to each counted row's loss (``z_loss``) and
+2 zscale lse to the factor on p_j (``z_slope``). With both off the kernels
+do what they did without them: the extra branches are uniform per call.
+
 Per-position losses and weights come back in float64 arrays of the batch's
 size (O(N) memory), and each forward kernel returns their sums, so the host
 reduces without another pass. The kernels check every class index before
@@ -51,16 +59,54 @@ from softkern.cpu.softmax import (
 
 
 @njit(inline="always", cache=True)
-def tile_stats(xt, ot, store, lowest):
+def capped(v, cap):
+    """A logit after soft-capping, cap * tanh(v / cap) (Gemma 2); v itself
+    for cap 0 (no cap). cap has v's type, so float32 stays float32."""
+    return v if cap == 0 else cap * np.tanh(v / cap)
+
+
+@njit(inline="always", cache=True)
+def capped_slope(v, cap):
+    """d capped(v) / dv = 1 - tanh(v / cap)**2, written 4e / (1 + e)**2 with
+    e = exp(-2|v / cap|): no cancellation where tanh is near 1, no overflow;
+    1 for cap 0."""
+    if cap == 0:
+        return np.float64(1.0)
+    e = np.exp(-2.0 * abs(np.float64(v) / cap))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@njit(inline="always", cache=True)
+def z_loss(zscale, top, shift):
+    """The z-loss of a counted row, zscale * lse**2 (PaLM), lse = top +
+    shift; 0 without one."""
+    if zscale == 0:
+        return 0.0
+    lse = top + shift
+    return zscale * lse * lse
+
+
+@njit(inline="always", cache=True)
+def z_slope(zscale, top, shift):
+    """d z_loss / d lse = 2 zscale lse: the z-loss adds it times p_j to a
+    row's gradient."""
+    return 0.0 if zscale == 0 else 2.0 * zscale * (top + shift)
+
+
+@njit(inline="always", cache=True)
+def tile_stats(xt, ot, store, cap, lowest):
     """(max, rest) of the slice xt: rest = the sum of exp(x - max) less 1,
     summed without the elements equal to the max (each adds exactly 1): a
     confident prediction's loss is log(1 + rest) with rest tiny, which
     1 + rest would round away even in float64. Blocks of SUM_BLOCK in the
     accumulator type, added in float64, as in the softmax. With `store`
-    the exponentials go into ot too (the gradient's first sweep)."""
+    the exponentials go into ot too (the gradient's first sweep). With a
+    `cap`, of the capped logits: tanh is increasing, so the max of the raw
+    logits, capped, is theirs."""
     top = lowest
     for j in range(xt.shape[0]):
         top = maxnum(top, as_acc(xt[j], lowest))
+    top = capped(top, cap)
     rest = 0.0
     ties = 0.0
     for b0 in range(0, xt.shape[0], SUM_BLOCK):
@@ -69,7 +115,7 @@ def tile_stats(xt, ot, store, lowest):
         part = as_acc(0, lowest)
         hits = as_acc(0, lowest)  # exact: a block has fewer than 2**24
         for j in range(xb.shape[0]):
-            v = as_acc(xb[j], lowest)
+            v = capped(as_acc(xb[j], lowest), cap)
             hit = v == top
             e = exp_nonpositive(v - top)
             if store:
@@ -97,15 +143,15 @@ def merge_stats(top, rest, m, r):
 
 
 @njit(inline="always", cache=True)
-def row_stats(x, r, lowest):
-    """(max, rest) of row r, tile by tile."""
+def row_stats(x, r, cap, lowest):
+    """(max, rest) of row r's (capped) logits, tile by tile."""
     n = x.shape[1]
     # Slices indexed from 0: indices Numba can see are never negative, so
     # no wraparound check keeps the loops from vectorising.
     xr = x[r]
-    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, lowest)
+    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, cap, lowest)
     for j0 in range(TILE, n, TILE):
-        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, lowest)
+        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, cap, lowest)
         top, rest = merge_stats(top, rest, m, part)
     return top, rest
 
@@ -165,30 +211,33 @@ def totals(losses, weights, target, ignore_index, n):
 
 
 @njit(inline="always", cache=True)
-def index_row(x, target, weight, weight_sum, ignore_index, smoothing, r, lowest):
+def index_row(
+    x, target, weight, weight_sum, ignore_index, smoothing, cap, zscale, r, lowest
+):
     """(loss, weight) of row r with a class-index target (0, 0 if ignored
     or, never read, if the target is no class)."""
     n = x.shape[1]
     t = target[r]
     if t == ignore_index or is_bad(t, ignore_index, n):
         return 0.0, 0.0
-    top, rest = row_stats(x, r, lowest)
+    top, rest = row_stats(x, r, cap, lowest)
     shift = log_sum(top, rest)
     w_t = np.float64(weight[t])
-    loss = w_t * ((top - as_acc(x[r, t], lowest)) + shift)
+    loss = w_t * ((top - capped(as_acc(x[r, t], lowest), cap)) + shift)
     if smoothing > 0:
         spread = 0.0
         for j in range(n):
-            spread += weight[j] * (top - as_acc(x[r, j], lowest))
+            spread += weight[j] * (top - capped(as_acc(x[r, j], lowest), cap))
         uniform = weight_sum * shift + spread
         loss = (1.0 - smoothing) * loss + smoothing / n * uniform
-    return loss, w_t
+    return loss + z_loss(zscale, top, shift), w_t
 
 
 @parallel_kernel(fastmath=FASTMATH)
 def index_rows(
-    x, target, weight, ignore_index, smoothing, losses, weights, lowest, parallel
-):
+    x, target, weight, ignore_index, smoothing, cap, zscale, losses, weights,
+    lowest, parallel,
+):  # fmt: skip
     """Loss of each row with a class-index target into losses[r] and the
     target's weight into weights[r] (both 0 for an ignored row); returns
     ``totals``."""
@@ -197,44 +246,46 @@ def index_rows(
     if not parallel:
         for r in range(count):
             losses[r], weights[r] = index_row(
-                x, target, weight, weight_sum, ignore_index, smoothing, r, lowest
-            )
+                x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                zscale, r, lowest,
+            )  # fmt: skip
         return totals(losses, weights, target, ignore_index, x.shape[1])
     chunks = min(count, ROW_CHUNKS)
     for chunk in prange(chunks):
         for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
             losses[r], weights[r] = index_row(
-                x, target, weight, weight_sum, ignore_index, smoothing, r, lowest
-            )
+                x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                zscale, r, lowest,
+            )  # fmt: skip
     return totals(losses, weights, target, ignore_index, x.shape[1])
 
 
 @njit(inline="always", cache=True)
-def probs_row(x, q, weight, smoothing, r, lowest):
+def probs_row(x, q, weight, smoothing, cap, zscale, r, lowest):
     """Loss of row r with a class-probability target row q[r]:
     sum_j u_j (lse - x_j), u_j = weight[j] * smoothed(q[r, j])."""
     n = x.shape[1]
-    top, rest = row_stats(x, r, lowest)
+    top, rest = row_stats(x, r, cap, lowest)
     shift = log_sum(top, rest)
     mass = 0.0
     spread = 0.0
     for j in range(n):
         u = weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
         mass += u
-        spread += u * (top - as_acc(x[r, j], lowest))
-    return mass * shift + spread
+        spread += u * (top - capped(as_acc(x[r, j], lowest), cap))
+    return mass * shift + spread + z_loss(zscale, top, shift)
 
 
 @parallel_kernel(fastmath=FASTMATH)
-def probs_rows(x, q, weight, smoothing, losses, lowest, parallel):
+def probs_rows(x, q, weight, smoothing, cap, zscale, losses, lowest, parallel):
     """``probs_row`` of every row into losses; returns their sum."""
     count = x.shape[0]
     if not parallel:
         for r in range(count):
-            losses[r] = probs_row(x, q, weight, smoothing, r, lowest)
+            losses[r] = probs_row(x, q, weight, smoothing, cap, zscale, r, lowest)
     else:
         for r in prange(count):
-            losses[r] = probs_row(x, q, weight, smoothing, r, lowest)
+            losses[r] = probs_row(x, q, weight, smoothing, cap, zscale, r, lowest)
     total = 0.0
     for r in range(count):
         total += losses[r]
@@ -259,8 +310,8 @@ def target_weight(target, weight, ignore_index):
 
 @njit(inline="always", cache=True)
 def index_row_grad(
-    x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, out, r,
-    with_loss, lowest, tile_top,
+    x, target, weight, weight_sum, ignore_index, smoothing, cap, zscale, grads,
+    scale, out, r, with_loss, lowest, tile_top,
 ):  # fmt: skip
     """d loss / d x of row r into out[r], and (when `with_loss`) the row's
     (loss, weight) as ``index_row``'s, reading the row from memory once.
@@ -270,7 +321,9 @@ def index_row_grad(
     tiles' (max, rest) merge (``merge_stats``); then one sweep rescales
     each tile in place by exp(its max - the row's max) and writes
     g (p_j ((1 - eps) w_t + eps/C sum w) - eps/C w_j - (1 - eps) w_t
-    [j == t]), g = grads[r] * scale. `tile_top` holds the tiles' maxima."""
+    [j == t]), g = grads[r] * scale. `tile_top` holds the tiles' maxima.
+    A z-loss adds g 2 zscale lse p_j; a cap multiplies the whole by
+    capped_slope(x_j), in one more sweep that reads the row again."""
     n = x.shape[1]
     xr = x[r]
     orow = out[r]
@@ -282,23 +335,27 @@ def index_row_grad(
     top, rest = lowest, 0.0
     for k in range((n + TILE - 1) // TILE):
         ot = orow[k * TILE : min(n, (k + 1) * TILE)]
-        m, part = tile_stats(xr[k * TILE : min(n, (k + 1) * TILE)], ot, True, lowest)
+        m, part = tile_stats(
+            xr[k * TILE : min(n, (k + 1) * TILE)], ot, True, cap, lowest
+        )
         tile_top[k] = m
         top, rest = (m, part) if k == 0 else merge_stats(top, rest, m, part)
     w_t = np.float64(weight[t])
     loss = 0.0
+    shift = log_sum(top, rest)
     if with_loss:
-        shift = log_sum(top, rest)
-        loss = w_t * ((top - as_acc(xr[t], lowest)) + shift)
+        loss = w_t * ((top - capped(as_acc(xr[t], lowest), cap)) + shift)
         if smoothing > 0:
             # Every term >= 0 (written against the max): nothing cancels.
             spread = 0.0
             for j in range(n):
-                spread += weight[j] * (top - as_acc(xr[j], lowest))
+                spread += weight[j] * (top - capped(as_acc(xr[j], lowest), cap))
             uniform = weight_sum * shift + spread
             loss = (1.0 - smoothing) * loss + smoothing / n * uniform
+        loss += z_loss(zscale, top, shift)
     g = grad_of(grads, r) * scale
-    a = g * ((1.0 - smoothing) * w_t + smoothing / n * weight_sum) / exp_sum(top, rest)
+    mass = (1.0 - smoothing) * w_t + smoothing / n * weight_sum
+    a = g * (mass + z_slope(zscale, top, shift)) / exp_sum(top, rest)
     b = as_acc(g * smoothing / n, lowest)
     for k in range((n + TILE - 1) // TILE):
         ot = orow[k * TILE : min(n, (k + 1) * TILE)]
@@ -321,13 +378,16 @@ def index_row_grad(
             for j in range(ot.shape[0]):
                 ot[j] *= factor
     orow[t] -= as_acc(g * (1.0 - smoothing) * w_t, lowest)
+    if cap != 0:
+        for j in range(n):
+            orow[j] *= as_acc(capped_slope(as_acc(xr[j], lowest), cap), lowest)
     return loss, w_t
 
 
 @parallel_kernel(fastmath=FASTMATH)
 def index_rows_grad(
-    x, target, weight, ignore_index, smoothing, grads, scale, out, losses,
-    weights, with_loss, lowest, parallel,
+    x, target, weight, ignore_index, smoothing, cap, zscale, grads, scale, out,
+    losses, weights, with_loss, lowest, parallel,
 ):  # fmt: skip
     """``index_row_grad`` of every row: the gradient into out and, when
     `with_loss`, each row's loss and weight into losses and weights
@@ -340,8 +400,8 @@ def index_rows_grad(
         tile_top = np.empty(tiles, dtype=out.dtype)
         for r in range(count):
             loss, w_t = index_row_grad(
-                x, target, weight, weight_sum, ignore_index, smoothing,
-                grads, scale, out, r, with_loss, lowest, tile_top,
+                x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                zscale, grads, scale, out, r, with_loss, lowest, tile_top,
             )  # fmt: skip
             if with_loss:
                 losses[r], weights[r] = loss, w_t
@@ -351,8 +411,8 @@ def index_rows_grad(
             tile_top = np.empty(tiles, dtype=out.dtype)
             for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
                 loss, w_t = index_row_grad(
-                    x, target, weight, weight_sum, ignore_index, smoothing,
-                    grads, scale, out, r, with_loss, lowest, tile_top,
+                    x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                    zscale, grads, scale, out, r, with_loss, lowest, tile_top,
                 )  # fmt: skip
                 if with_loss:
                     losses[r], weights[r] = loss, w_t
@@ -362,43 +422,59 @@ def index_rows_grad(
 
 
 @njit(inline="always", cache=True)
-def probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest):
-    """d loss / d x of row r: g (p_j sum_c u_c - u_j)."""
+def probs_row_backward(
+    x, q, weight, smoothing, cap, zscale, grads, scale, out, r, lowest
+):
+    """d loss / d x of row r: g (p_j (sum_c u_c + 2 zscale lse) - u_j),
+    times capped_slope(x_j) under a cap."""
     n = x.shape[1]
     g = grad_of(grads, r) * scale
-    top, rest = row_stats(x, r, lowest)
+    top, rest = row_stats(x, r, cap, lowest)
     total = exp_sum(top, rest)
-    mass = 0.0
+    mass = z_slope(zscale, top, log_sum(top, rest))
     for j in range(n):
         mass += weight[j] * smoothed(np.float64(q[r, j]), smoothing, n)
     a = as_acc(g * mass / total, lowest)
     for j in range(n):
         u = as_acc(g * weight[j] * smoothed(np.float64(q[r, j]), smoothing, n), lowest)
-        out[r, j] = exp_nonpositive(as_acc(x[r, j], lowest) - top) * a - u
+        v = as_acc(x[r, j], lowest)
+        grad = exp_nonpositive(capped(v, cap) - top) * a - u
+        if cap != 0:
+            grad *= as_acc(capped_slope(v, cap), lowest)
+        out[r, j] = grad
 
 
 @parallel_kernel(fastmath=FASTMATH)
-def probs_rows_backward(x, q, weight, smoothing, grads, scale, out, lowest, parallel):
+def probs_rows_backward(
+    x, q, weight, smoothing, cap, zscale, grads, scale, out, lowest, parallel
+):
     count = x.shape[0]
     if not parallel:
         for r in range(count):
-            probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest)
+            probs_row_backward(
+                x, q, weight, smoothing, cap, zscale, grads, scale, out, r, lowest
+            )
         return
     for r in prange(count):
-        probs_row_backward(x, q, weight, smoothing, grads, scale, out, r, lowest)
+        probs_row_backward(
+            x, q, weight, smoothing, cap, zscale, grads, scale, out, r, lowest
+        )
 
 
 @njit(inline="always", cache=True)
-def strip_stats(x, o, c0, width, lowest):
-    """Column maxima of the strip and each column's rest (the sum of
-    exp(x - max) less 1, kept apart from the max as in ``tile_stats``)."""
+def strip_stats(x, o, c0, width, cap, lowest):
+    """Column maxima of the strip's (capped) logits and each column's rest
+    (the sum of exp(x - max) less 1, kept apart from the max as in
+    ``tile_stats``)."""
     top = strip_max(x, o, c0, width, lowest)
+    for c in range(width):
+        top[c] = capped(top[c], cap)
     rest = np.zeros(width, dtype=np.float64)
     ties = np.zeros(width, dtype=np.int64)
     for i in range(x.shape[1]):
         xr = x[o, i, c0 : c0 + width]
         for c in range(width):
-            v = as_acc(xr[c], lowest)
+            v = capped(as_acc(xr[c], lowest), cap)
             hit = v == top[c]
             rest[c] += 0.0 if hit else exp_nonpositive(v - top[c])
             ties[c] += hit
@@ -409,19 +485,19 @@ def strip_stats(x, o, c0, width, lowest):
 
 @njit(inline="always", cache=True)
 def index_strip(
-    x, target, weight, weight_sum, ignore_index, smoothing, item, strips, strip,
-    losses, weights, lowest,
+    x, target, weight, weight_sum, ignore_index, smoothing, cap, zscale, item,
+    strips, strip, losses, weights, lowest,
 ):  # fmt: skip
     """``index_row`` for the positions of one strip of (outer, C, inner)."""
     n, inner = x.shape[1], x.shape[2]
     o, c0, width = strip_of(item, strips, strip, inner)
-    top, rest = strip_stats(x, o, c0, width, lowest)
+    top, rest = strip_stats(x, o, c0, width, cap, lowest)
     spread = np.zeros(width, dtype=np.float64)
     if smoothing > 0:
         for i in range(n):
             xr = x[o, i, c0 : c0 + width]
             for c in range(width):
-                spread[c] += weight[i] * (top[c] - as_acc(xr[c], lowest))
+                spread[c] += weight[i] * (top[c] - capped(as_acc(xr[c], lowest), cap))
     for c in range(width):
         t = target[o, c0 + c]
         if t == ignore_index or is_bad(t, ignore_index, n):
@@ -430,18 +506,19 @@ def index_strip(
             continue
         w_t = np.float64(weight[t])
         shift = log_sum(top[c], rest[c])
-        loss = w_t * ((top[c] - as_acc(x[o, t, c0 + c], lowest)) + shift)
+        logit = capped(as_acc(x[o, t, c0 + c], lowest), cap)
+        loss = w_t * ((top[c] - logit) + shift)
         if smoothing > 0:
             uniform = weight_sum * shift + spread[c]
             loss = (1.0 - smoothing) * loss + smoothing / n * uniform
-        losses[o, c0 + c] = loss
+        losses[o, c0 + c] = loss + z_loss(zscale, top[c], shift)
         weights[o, c0 + c] = w_t
 
 
 @parallel_kernel(fastmath=FASTMATH)
 def index_columns(
-    x, target, weight, ignore_index, smoothing, strip, losses, weights, lowest,
-    parallel,
+    x, target, weight, ignore_index, smoothing, cap, zscale, strip, losses,
+    weights, lowest, parallel,
 ):  # fmt: skip
     """``index_rows`` for (outer, C, inner) inputs and (outer, inner) targets."""
     outer, inner = x.shape[0], x.shape[2]
@@ -450,24 +527,26 @@ def index_columns(
     if not parallel:
         for item in range(outer * strips):
             index_strip(
-                x, target, weight, weight_sum, ignore_index, smoothing, item,
-                strips, strip, losses, weights, lowest,
+                x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                zscale, item, strips, strip, losses, weights, lowest,
             )  # fmt: skip
     else:
         for item in prange(outer * strips):
             index_strip(
-                x, target, weight, weight_sum, ignore_index, smoothing, item,
-                strips, strip, losses, weights, lowest,
+                x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                zscale, item, strips, strip, losses, weights, lowest,
             )  # fmt: skip
     return totals(losses, weights, target, ignore_index, x.shape[1])
 
 
 @njit(inline="always", cache=True)
-def probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest):
+def probs_strip(
+    x, q, weight, smoothing, cap, zscale, item, strips, strip, losses, lowest
+):
     """``probs_row`` for the positions of one strip of (outer, C, inner)."""
     n, inner = x.shape[1], x.shape[2]
     o, c0, width = strip_of(item, strips, strip, inner)
-    top, rest = strip_stats(x, o, c0, width, lowest)
+    top, rest = strip_stats(x, o, c0, width, cap, lowest)
     mass = np.zeros(width, dtype=np.float64)
     spread = np.zeros(width, dtype=np.float64)
     for i in range(n):
@@ -476,22 +555,31 @@ def probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest):
         for c in range(width):
             u = weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
             mass[c] += u
-            spread[c] += u * (top[c] - as_acc(xr[c], lowest))
+            spread[c] += u * (top[c] - capped(as_acc(xr[c], lowest), cap))
     for c in range(width):
-        losses[o, c0 + c] = mass[c] * log_sum(top[c], rest[c]) + spread[c]
+        shift = log_sum(top[c], rest[c])
+        losses[o, c0 + c] = mass[c] * shift + spread[c] + z_loss(zscale, top[c], shift)
 
 
 @parallel_kernel(fastmath=FASTMATH)
-def probs_columns(x, q, weight, smoothing, strip, losses, lowest, parallel):
+def probs_columns(
+    x, q, weight, smoothing, cap, zscale, strip, losses, lowest, parallel
+):
     """``probs_rows`` for (outer, C, inner) inputs and targets."""
     outer, inner = x.shape[0], x.shape[2]
     strips = (inner + strip - 1) // strip
     if not parallel:
         for item in range(outer * strips):
-            probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest)
+            probs_strip(
+                x, q, weight, smoothing, cap, zscale, item, strips, strip, losses,
+                lowest,
+            )  # fmt: skip
     else:
         for item in prange(outer * strips):
-            probs_strip(x, q, weight, smoothing, item, strips, strip, losses, lowest)
+            probs_strip(
+                x, q, weight, smoothing, cap, zscale, item, strips, strip, losses,
+                lowest,
+            )  # fmt: skip
     total = 0.0
     for i in range(losses.size):
         total += losses.flat[i]
@@ -500,13 +588,13 @@ def probs_columns(x, q, weight, smoothing, strip, losses, lowest, parallel):
 
 @njit(inline="always", cache=True)
 def index_strip_backward(
-    x, target, weight, weight_sum, ignore_index, smoothing, grads, scale, item,
-    strips, strip, out, lowest,
+    x, target, weight, weight_sum, ignore_index, smoothing, cap, zscale, grads,
+    scale, item, strips, strip, out, lowest,
 ):  # fmt: skip
     """``index_row_grad``'s gradient for one strip of (outer, C, inner)."""
     n, inner = x.shape[1], x.shape[2]
     o, c0, width = strip_of(item, strips, strip, inner)
-    top, rest = strip_stats(x, o, c0, width, lowest)
+    top, rest = strip_stats(x, o, c0, width, cap, lowest)
     # Per column: the softmax's factor a, the uniform term's factor b and
     # the one-hot's size d at class t (an ignored column: all zero, and
     # t = -1 matches no class).
@@ -521,8 +609,9 @@ def index_strip_backward(
         g = grad_of(grads, o * inner + c0 + c) * scale
         w_t = np.float64(weight[tc])
         uniform = smoothing / n * weight_sum
+        zslope = z_slope(zscale, top[c], log_sum(top[c], rest[c]))
         total = exp_sum(top[c], rest[c])
-        a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform) / total, lowest)
+        a[c] = as_acc(g * ((1.0 - smoothing) * w_t + uniform + zslope) / total, lowest)
         b[c] = as_acc(g * smoothing / n, lowest)
         d[c] = as_acc(g * (1.0 - smoothing) * w_t, lowest)
         t[c] = tc
@@ -532,15 +621,17 @@ def index_strip_backward(
         w = weight[i]
         for c in range(width):
             hit = d[c] if t[c] == i else as_acc(0, lowest)
-            orow[c] = (
-                exp_nonpositive(as_acc(xr[c], lowest) - top[c]) * a[c] - b[c] * w - hit
-            )
+            v = as_acc(xr[c], lowest)
+            grad = exp_nonpositive(capped(v, cap) - top[c]) * a[c] - b[c] * w - hit
+            if cap != 0:
+                grad *= as_acc(capped_slope(v, cap), lowest)
+            orow[c] = grad
 
 
 @parallel_kernel(fastmath=FASTMATH)
 def index_columns_backward(
-    x, target, weight, ignore_index, smoothing, grads, scale, strip, out, lowest,
-    parallel,
+    x, target, weight, ignore_index, smoothing, cap, zscale, grads, scale, strip,
+    out, lowest, parallel,
 ):  # fmt: skip
     """``index_rows_grad``'s gradient for (outer, C, inner) inputs."""
     outer, inner = x.shape[0], x.shape[2]
@@ -549,25 +640,26 @@ def index_columns_backward(
     if not parallel:
         for item in range(outer * strips):
             index_strip_backward(
-                x, target, weight, weight_sum, ignore_index, smoothing, grads,
-                scale, item, strips, strip, out, lowest,
+                x, target, weight, weight_sum, ignore_index, smoothing, cap,
+                zscale, grads, scale, item, strips, strip, out, lowest,
             )  # fmt: skip
         return
     for item in prange(outer * strips):
         index_strip_backward(
-            x, target, weight, weight_sum, ignore_index, smoothing, grads,
-            scale, item, strips, strip, out, lowest,
+            x, target, weight, weight_sum, ignore_index, smoothing, cap, zscale,
+            grads, scale, item, strips, strip, out, lowest,
         )  # fmt: skip
 
 
 @njit(inline="always", cache=True)
 def probs_strip_backward(
-    x, q, weight, smoothing, grads, scale, item, strips, strip, out, lowest
-):
+    x, q, weight, smoothing, cap, zscale, grads, scale, item, strips, strip, out,
+    lowest,
+):  # fmt: skip
     """``probs_row_backward`` for one strip of (outer, C, inner)."""
     n, inner = x.shape[1], x.shape[2]
     o, c0, width = strip_of(item, strips, strip, inner)
-    top, rest = strip_stats(x, o, c0, width, lowest)
+    top, rest = strip_stats(x, o, c0, width, cap, lowest)
     mass = np.zeros(width, dtype=np.float64)
     for i in range(n):
         qr = q[o, i, c0 : c0 + width]
@@ -577,21 +669,24 @@ def probs_strip_backward(
     g = np.zeros(width, dtype=np.float64)
     for c in range(width):
         g[c] = grad_of(grads, o * inner + c0 + c) * scale
-        a[c] = as_acc(g[c] * mass[c] / exp_sum(top[c], rest[c]), lowest)
+        zslope = z_slope(zscale, top[c], log_sum(top[c], rest[c]))
+        a[c] = as_acc(g[c] * (mass[c] + zslope) / exp_sum(top[c], rest[c]), lowest)
     for i in range(n):
         xr = x[o, i, c0 : c0 + width]
         qr = q[o, i, c0 : c0 + width]
         orow = out[o, i, c0 : c0 + width]
         for c in range(width):
             u = g[c] * weight[i] * smoothed(np.float64(qr[c]), smoothing, n)
-            orow[c] = exp_nonpositive(as_acc(xr[c], lowest) - top[c]) * a[c] - as_acc(
-                u, lowest
-            )
+            v = as_acc(xr[c], lowest)
+            grad = exp_nonpositive(capped(v, cap) - top[c]) * a[c] - as_acc(u, lowest)
+            if cap != 0:
+                grad *= as_acc(capped_slope(v, cap), lowest)
+            orow[c] = grad
 
 
 @parallel_kernel(fastmath=FASTMATH)
 def probs_columns_backward(
-    x, q, weight, smoothing, grads, scale, strip, out, lowest, parallel
+    x, q, weight, smoothing, cap, zscale, grads, scale, strip, out, lowest, parallel
 ):
     """``probs_rows_backward`` for (outer, C, inner) inputs."""
     outer, inner = x.shape[0], x.shape[2]
@@ -599,13 +694,15 @@ def probs_columns_backward(
     if not parallel:
         for item in range(outer * strips):
             probs_strip_backward(
-                x, q, weight, smoothing, grads, scale, item, strips, strip, out, lowest
-            )
+                x, q, weight, smoothing, cap, zscale, grads, scale, item, strips,
+                strip, out, lowest,
+            )  # fmt: skip
         return
     for item in prange(outer * strips):
         probs_strip_backward(
-            x, q, weight, smoothing, grads, scale, item, strips, strip, out, lowest
-        )
+            x, q, weight, smoothing, cap, zscale, grads, scale, item, strips,
+            strip, out, lowest,
+        )  # fmt: skip
 
 
 @njit(inline="always", cache=True)

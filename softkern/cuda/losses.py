@@ -29,6 +29,12 @@ and the value), never used as an index; the host raises after the launch.
 
 The backward pass reads x twice (statistics, then the gradient written as
 p_j a - b w_j minus the one-hot term), like the softmax stream regime.
+
+softcap (``cap``, 0 for none) caps each logit as it is read, cap tanh(x /
+cap), and multiplies each gradient element by the slope of the capping;
+the z-loss (``zscale``) adds zscale lse**2 to each counted slice's loss and
+2 zscale lse to the factor on p_j (``cap_functions``; both scalars are
+uniform over the launch, so their branches never diverge).
 """
 
 from __future__ import annotations
@@ -159,6 +165,32 @@ def log1p_of(dtype):
 
 
 @functools.cache
+def cap_functions(dtype):
+    """Device functions of logit soft-capping in `dtype` (the compute type):
+    ``capped(v, cap)`` = cap tanh(v / cap), v itself for cap 0; and
+    ``slope(v, cap)``, its derivative 1 - tanh(v / cap)**2, written
+    4e / (1 + e)**2 with e = exp(-2 |v / cap|) (no cancellation where tanh
+    is near 1, no overflow), 1 for cap 0."""
+    zero = np.dtype(dtype).type(0)
+    one = np.dtype(dtype).type(1)
+    two = np.dtype(dtype).type(2)
+    four = np.dtype(dtype).type(4)
+
+    @cuda.jit(device=True, inline=True)
+    def capped(v, cap):
+        return v if cap == zero else cap * math.tanh(v / cap)
+
+    @cuda.jit(device=True, inline=True)
+    def slope(v, cap):
+        if cap == zero:
+            return one
+        e = math.exp(-two * abs(v / cap))
+        return four * e / ((one + e) * (one + e))
+
+    return capped, slope
+
+
+@functools.cache
 def _target_terms(kind: str, dtype):
     """Device functions reading the target side of a slice, per kind of
     target: ``term(target, weight, smoothing, o, k, c, n)`` is u_k, the
@@ -187,7 +219,7 @@ def _target_terms(kind: str, dtype):
 def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
     """Device function: one pass over slice (o, c) of x giving every member
     (top, rest): the max, and the sum of exp(x - max) less the max's own 1
-    (``rest_update``), and member 0 the folded
+    (``rest_update``) of the (capped) logits, and member 0 the folded
     mass and spread of u (module docstring; 0 when neither smoothing nor
     probabilities need them) and the pivot.
 
@@ -202,10 +234,11 @@ def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
     fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
     update = rest_update(acc_dt)
     term = _target_terms(kind, dtype)
+    capped, _ = cap_functions(acc_dt)
     probs = kind == "probs"
 
     @cuda.jit(device=True, inline=True)
-    def slice_stats(x, target, weight, smoothing, o, c, valid, first, step):
+    def slice_stats(x, target, weight, smoothing, cap, o, c, valid, first, step):
         n = x.shape[1]
         top = neg_inf
         rest = -one
@@ -214,13 +247,13 @@ def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
         pivot = zero
         needs_mass = probs or smoothing > 0
         if valid and n > 0:
-            pivot = acc(x[o, 0, c])
+            pivot = capped(acc(x[o, 0, c]), cap)
             if not math.isfinite(pivot):
                 pivot = zero
         if valid:
             k = first
             while k < n:
-                v = acc(x[o, k, c])
+                v = capped(acc(x[o, k, c]), cap)
                 top, rest = update(top, rest, v)
                 if needs_mass:
                     u = term(target, weight, smoothing, o, k, c, n)
@@ -275,9 +308,10 @@ def forward_kernel(
 
     Arguments: x (outer, C, inner) of any real dtype; target (outer, inner)
     class indices of any integer dtype, or (outer, C, inner) probabilities;
-    weight (C,); ignore_index; smoothing; items (the plan's work items); out;
-    bad (2,) int64. `dtype` is the output dtype (float16 computes in
-    float32; partials are in the compute dtype).
+    weight (C,); ignore_index; smoothing; cap (softcap, 0 for none) and
+    zscale (the z-loss's scale) in the compute type; items (the plan's
+    work items); out; bad (2,) int64. `dtype` is the output dtype (float16
+    computes in float32; partials are in the compute dtype).
 
     Launch config: ``SoftmaxPlan`` of (outer, C, inner) over dim 1:
     [grid, block].
@@ -291,12 +325,13 @@ def forward_kernel(
     stats = _stats(kind, regime, strategy, block, dtype)
     target_of = _target_of(kind)
     safe_log1p = log1p_of(acc_dt)
+    capped, _ = cap_functions(acc_dt)
     fold_block = group_reducer("sum", strategy, block, 1, block, acc_dt)
     probs = kind == "probs"
 
     @bounded_kernel(block)
     def cross_entropy_forward(
-        x, target, weight, ignore_index, smoothing, items, out, bad
+        x, target, weight, ignore_index, smoothing, cap, zscale, items, out, bad
     ):
         outer, n, inner = x.shape
         loss_sum = zero
@@ -305,7 +340,7 @@ def forward_kernel(
         while item < items:  # uniform over the block
             o, c, valid, first, step = slices(item, outer, inner)
             top, rest, mass, spread, pivot = stats(
-                x, target, weight, smoothing, o, c, valid, first, step
+                x, target, weight, smoothing, cap, o, c, valid, first, step
             )
             if valid and first == 0:
                 # lse - v as (top - v) + log(1 + rest): exact for v = top.
@@ -313,19 +348,25 @@ def forward_kernel(
                 log_sum = safe_log1p(rest) if top != inf else nan
                 loss = zero
                 w_t = one
+                counted = probs
                 if probs:
                     loss = mass * ((top - pivot) + log_sum) + spread
                 else:
                     t = target_of(target, o, c, n, ignore_index, bad)
                     w_t = zero
                     if t >= 0:
+                        counted = True
                         w_t = acc(weight[t])
-                        loss = w_t * ((top - acc(x[o, t, c])) + log_sum)
+                        logit = capped(acc(x[o, t, c]), cap)
+                        loss = w_t * ((top - logit) + log_sum)
                         if smoothing > 0:
                             uniform = mass * ((top - pivot) + log_sum) + spread
                             loss = (one - smoothing) * loss + smoothing / acc(
                                 n
                             ) * uniform
+                if zscale > 0 and counted:
+                    lse = top + log_sum
+                    loss += zscale * lse * lse
                 if total:
                     loss_sum += loss
                     weight_sum += w_t
@@ -348,8 +389,10 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
     inner): g (p_j a' - eps/C w_j - (1 - eps) w_t [j == t]) for class indices
     (a' = (1 - eps) w_t + eps/C sum w), g (p_j mass - u_j) for probabilities,
     g = grads[i] (grads[0] when it has one element) * scale / denominator[0];
-    0 for an ignored target. Arguments as ``forward_kernel`` plus grads,
-    scale, denominator; out has x's shape and `dtype`.
+    0 for an ignored target; a z-loss adds 2 zscale lse to a' and mass, a
+    cap multiplies by the slope of the capping at x_j. Arguments as
+    ``forward_kernel`` plus grads, scale, denominator; out has x's shape
+    and `dtype`.
 
     Launch config: ``SoftmaxPlan`` of (outer, C, inner) over dim 1:
     [grid, block].
@@ -365,6 +408,9 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
     term = _target_terms(kind, dtype)
     group, pitch = _group_layout(regime, block)
     broadcast = group_broadcaster(group, pitch, block, acc_dt)
+    safe_log1p = log1p_of(acc_dt)
+    capped, slope = cap_functions(acc_dt)
+    two = acc_dt.type(2)
     probs = kind == "probs"
 
     @bounded_kernel(block)
@@ -374,6 +420,8 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
         weight,
         ignore_index,
         smoothing,
+        cap,
+        zscale,
         items,
         grads,
         scale,
@@ -386,7 +434,7 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
         while item < items:  # uniform over the block
             o, c, valid, first, step = slices(item, outer, inner)
             top, rest, mass, _, _ = stats(
-                x, target, weight, smoothing, o, c, valid, first, step
+                x, target, weight, smoothing, cap, o, c, valid, first, step
             )
             if probs or smoothing > 0:  # uniform over the block
                 mass = broadcast(mass)  # the fold left it in member 0 only
@@ -395,12 +443,16 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
                 i = o * inner + c
                 g = acc(grads[i] if grads.size > 1 else grads[0])
                 g = g * acc(scale) / acc(denominator[0])
+                # d z-loss / d lse = 2 zscale lse, times p_j like the mass
+                zslope = zero
+                if zscale > 0:
+                    zslope = two * zscale * (top + safe_log1p(rest))
                 t = int64(-1)
                 a = zero
                 b = zero
                 live = probs
                 if probs:
-                    a = g * mass / den
+                    a = g * (mass + zslope) / den
                     b = g
                 else:
                     t = target_of(target, o, c, n, ignore_index, bad)
@@ -408,17 +460,18 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
                         live = True
                         w_t = acc(weight[t])
                         uniform = smoothing / acc(n) * mass if smoothing > 0 else zero
-                        a = g * ((one - smoothing) * w_t + uniform) / den
+                        a = g * ((one - smoothing) * w_t + uniform + zslope) / den
                         b = g * smoothing / acc(n)
                 k = first
                 while k < n:
                     grad = zero  # an ignored target's row
                     if live:
                         v = acc(x[o, k, c])
-                        grad = math.exp(v - top) * a
+                        grad = math.exp(capped(v, cap) - top) * a
                         grad -= b * term(target, weight, smoothing, o, k, c, n)
                         if k == t:
                             grad -= g * (one - smoothing) * acc(weight[t])
+                        grad *= slope(v, cap)
                     out[o, k, c] = out_type(grad)
                     k += step
             item += cuda.gridDim.x
@@ -518,6 +571,8 @@ def launch_forward(
     weight,
     ignore_index,
     smoothing,
+    cap,
+    zscale,
     out,
     total,
     plan,
@@ -532,7 +587,16 @@ def launch_forward(
     )
     acc = softmax_acc_dtype(out.dtype).type
     kernel[plan.grid, plan.block, stream](
-        x, target, weight, ignore_index, acc(smoothing), plan.items, out, bad
+        x,
+        target,
+        weight,
+        ignore_index,
+        acc(smoothing),
+        acc(cap),
+        acc(zscale),
+        plan.items,
+        out,
+        bad,
     )
 
 
@@ -543,6 +607,8 @@ def launch_backward(
     weight,
     ignore_index,
     smoothing,
+    cap,
+    zscale,
     grads,
     scale,
     denominator,
@@ -562,6 +628,8 @@ def launch_backward(
         weight,
         ignore_index,
         acc(smoothing),
+        acc(cap),
+        acc(zscale),
         plan.items,
         grads,
         acc(scale),
@@ -605,7 +673,8 @@ def ptx_cases(block: int = 256):
         regimes = ("warp", "stream", "columns") if name == "float32" else ("stream",)
         for regime, kind in itertools.product(regimes, KINDS):
             target = idx if kind == "index" else t[:, :, :]
-            common = (t[:, :, :], target, acc[::1], int64, acc, int64)
+            # x, target, weight, ignore_index, smoothing, cap, zscale, items
+            common = (t[:, :, :], target, acc[::1], int64, acc, acc, acc, int64)
             strategies = (0, 1, 2) if (regime, kind) == ("warp", "index") else (2,)
             for strategy, total in itertools.product(strategies, (False, True)):
                 out = acc[:, ::1] if total else t[:, ::1]

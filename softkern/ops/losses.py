@@ -50,6 +50,33 @@ def _check_smoothing(label_smoothing: float, fn: str) -> float:
     return float(label_smoothing)
 
 
+def _check_softcap(softcap: float | None, fn: str) -> float:
+    """softcap as the kernels take it: 0 for none."""
+    if softcap is None:
+        return 0.0
+    if (
+        not isinstance(softcap, numbers.Real)
+        or isinstance(softcap, bool)
+        or not 0.0 < float(softcap) < math.inf
+    ):
+        raise ValueError(
+            f"{fn}: softcap must be None or a finite number > 0, got {softcap!r}"
+        )
+    return float(softcap)
+
+
+def _check_lse_square_scale(scale: float, fn: str) -> float:
+    if (
+        not isinstance(scale, numbers.Real)
+        or isinstance(scale, bool)
+        or not 0.0 <= float(scale) < math.inf
+    ):
+        raise ValueError(
+            f"{fn}: lse_square_scale must be a finite number >= 0, got {scale!r}"
+        )
+    return float(scale)
+
+
 def _check_ignore_index(ignore_index: int, fn: str) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
@@ -75,6 +102,8 @@ class LossPlan(NamedTuple):
     target_casts: tuple[np.dtype, ...]  # of probability targets
     ignore_index: int
     smoothing: float
+    cap: np.generic  # softcap in the compute type, 0 for none
+    zscale: float  # lse_square_scale
     reduction: str
     ones: np.ndarray  # the CPU weight when none is given
     parallel: bool  # the CPU kernels that read every logit
@@ -102,9 +131,13 @@ def loss_plan(
     reduction: str,
     label_smoothing: float,
     block: int | None,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
 ) -> LossPlan:
     reduction = _check_reduction(reduction, fn)
     smoothing = _check_smoothing(label_smoothing, fn)
+    cap = _check_softcap(softcap, fn)
+    zscale = _check_lse_square_scale(lse_square_scale, fn)
     ignore_index = _check_ignore_index(ignore_index, fn)
     if x_dtype.name not in FLOAT_NAMES:
         raise TypeError(
@@ -166,10 +199,14 @@ def loss_plan(
         acc=acc,
         lowest=acc.type(-np.inf),
         casts=(acc,) if x_dtype != acc else (),
-        # Numba cannot load float16 on the CPU: such targets are widened
-        target_casts=(np.dtype(np.float32),) if t_dtype.itemsize < 4 else (),
+        # Probabilities in the compute type: Numba cannot load float16 on
+        # the CPU, and one dtype means one compiled kernel (PyTorch wants
+        # the input's dtype anyway)
+        target_casts=(acc,) if kind == "probs" and t_dtype != acc else (),
         ignore_index=ignore_index,
         smoothing=smoothing,
+        cap=acc.type(cap),
+        zscale=zscale,
         reduction=reduction,
         ones=ones,
         parallel=_launch.cpu_parallel(math.prod(x_shape) * x_dtype.itemsize),
@@ -188,6 +225,8 @@ def plan_of(
     reduction: str,
     label_smoothing: float,
     block: int | None,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
 ) -> LossPlan:
     """``loss_plan`` of operands given as anything with a shape and a dtype
     (NumPy arrays, or ``_dispatch.Operand``s of device arrays)."""
@@ -203,6 +242,8 @@ def plan_of(
         reduction,
         label_smoothing,
         block,
+        softcap,
+        lse_square_scale,
     )
 
 
@@ -255,8 +296,19 @@ def _host_args(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> _HostArgs:
     if w is None:
         weight = p.ones
     else:
-        weight = np.ascontiguousarray(w, dtype=p.acc)
+        weight = read_only(np.ascontiguousarray(w, dtype=p.acc))
     return _HostArgs(x3, target, weight)
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of `a`. Numba compiles a kernel per signature and
+    read-only arrays have types of their own: the small arrays the loss
+    kernels take (weights, upstream gradients) are always passed read-only,
+    as the shared defaults (``LossPlan.ones``, ``_ONE``) must be, so that one
+    compiled kernel (the one the warmup caches) serves every call."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def _loss_result(p: LossPlan, losses: np.ndarray, total: float, count: float) -> Any:
@@ -287,6 +339,8 @@ def _cpu_forward(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> Any:
                 args.target.reshape(outer, p.classes),
                 args.weight,
                 p.smoothing,
+                p.cap,
+                p.zscale,
                 losses.reshape(-1),
                 p.lowest,
                 p.parallel,
@@ -297,6 +351,8 @@ def _cpu_forward(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> Any:
                 args.target,
                 args.weight,
                 p.smoothing,
+                p.cap,
+                p.zscale,
                 p.plan.cpu_strip,
                 losses,
                 p.lowest,
@@ -311,6 +367,8 @@ def _cpu_forward(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> Any:
             args.weight,
             p.ignore_index,
             p.smoothing,
+            p.cap,
+            p.zscale,
             losses.reshape(-1),
             weights.reshape(-1),
             p.lowest,
@@ -323,6 +381,8 @@ def _cpu_forward(p: LossPlan, x: np.ndarray, t: np.ndarray, w: Any) -> Any:
             args.weight,
             p.ignore_index,
             p.smoothing,
+            p.cap,
+            p.zscale,
             p.plan.cpu_strip,
             losses,
             weights,
@@ -386,13 +446,16 @@ def _gpu_loss(
     reduction: str,
     label_smoothing: float,
     block: int | None,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
 ) -> _Loss:
     a = _dispatch.Operand(input, "input")
     t = _dispatch.Operand(target, "target")
     w = None if weight is None else _dispatch.Operand(weight, "weight")
     p = plan_of(
-        fn, probabilities, a, t, w, ignore_index, reduction, label_smoothing, block
-    )
+        fn, probabilities, a, t, w, ignore_index, reduction, label_smoothing,
+        block, softcap, lse_square_scale,
+    )  # fmt: skip
     if p.kind == "probs":
         target3 = t.around((p.class_dim,))
     else:
@@ -468,6 +531,8 @@ def _gpu_forward(loss: _Loss, strategy: int) -> Any:
             weight,
             loss.p.ignore_index,
             loss.p.smoothing,
+            loss.p.cap,
+            loss.p.zscale,
             out,
             total,
             loss.p.plan,
@@ -501,6 +566,8 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
     reduce: int = 2,
     block: int | None = None,
 ) -> Any:
@@ -517,7 +584,15 @@ def cross_entropy(
     `label_smoothing` mixes the target with the uniform distribution.
     `reduction`: "none" (a loss per position), "sum", or "mean" (the sum
     over the summed weights of the counted targets; over the number of
-    positions for probabilities). A target that is neither a class nor
+    positions for probabilities).
+
+    Two options of fused training kernels that PyTorch lacks, both inside
+    the kernels (no logit is stored): `softcap` replaces each logit x by
+    softcap * tanh(x / softcap) first (Gemma 2's logit soft-capping);
+    `lse_square_scale` adds lse_square_scale * lse**2 to the loss of each
+    counted position (PaLM's z-loss, lse the log of the sum of exp of the
+    row's logits, capped if asked), reduced with it: for "mean" divided by
+    the same denominator. A target that is neither a class nor
     `ignore_index` raises IndexError, on the GPU too (checked after the
     kernel, which never reads out of bounds). `reduce` and `block` pick the
     GPU's in-block strategy and block size, as in ``softkern.softmax``.
@@ -529,13 +604,16 @@ def cross_entropy(
     if host is None:
         loss = _gpu_loss(
             fn, True, input, target, weight, ignore_index, reduction,
-            label_smoothing, block,
+            label_smoothing, block, softcap, lse_square_scale,
         )  # fmt: skip
         if loss.p.positions == 0:
             return _empty_result(loss.p, loss.a.empty)
         return _gpu_forward(loss, strategy)
     x, t, w = host
-    p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
+    p = plan_of(
+        fn, True, x, t, w, ignore_index, reduction, label_smoothing, block,
+        softcap, lse_square_scale,
+    )  # fmt: skip
     if p.positions == 0:
         return _empty_result(p, _host_empty)
     return _cpu_forward(p, x, t, w)
@@ -597,7 +675,7 @@ def _grads(p: LossPlan, device: str, grad_output: Any) -> tuple[Any, bool]:
     one per position for reduction "none"; and whether it is on the host."""
     fn = p.fn
     if isinstance(grad_output, numbers.Real) and not isinstance(grad_output, bool):
-        return np.array([grad_output], np.float64), True
+        return read_only(np.array([grad_output], np.float64)), True
     g = _dispatch.Operand(grad_output, "grad_output")
     if g.device != device:
         raise TypeError(
@@ -617,7 +695,7 @@ def _grads(p: LossPlan, device: str, grad_output: Any) -> tuple[Any, bool]:
     else:
         flat = g.view([(0, len(g.shape))])
     if g.call is None:
-        return np.ascontiguousarray(flat, dtype=np.float64), True
+        return read_only(np.ascontiguousarray(flat, dtype=np.float64)), True
     return flat, False
 
 
@@ -631,6 +709,8 @@ def cross_entropy_backward(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
     out: Any = None,
     reduce: int = 2,
     block: int | None = None,
@@ -649,7 +729,10 @@ def cross_entropy_backward(
     host = _host_operands(input, target, weight)
     if host is not None:
         x, t, w = host
-        p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
+        p = plan_of(
+            fn, True, x, t, w, ignore_index, reduction, label_smoothing, block,
+            softcap, lse_square_scale,
+        )  # fmt: skip
         grads = _grads(p, "cpu", grad_output)[0]
         out = _grad_out_host(x, out, p)
         if out.size:
@@ -657,7 +740,7 @@ def cross_entropy_backward(
         return out
     loss = _gpu_loss(
         fn, True, input, target, weight, ignore_index, reduction,
-        label_smoothing, block,
+        label_smoothing, block, softcap, lse_square_scale,
     )  # fmt: skip
     grads, on_host = _grads(loss.p, "cuda", grad_output)
     if out is None:
@@ -707,6 +790,8 @@ def cross_entropy_backward(
             weight,
             loss.p.ignore_index,
             loss.p.smoothing,
+            loss.p.cap,
+            loss.p.zscale,
             grads,
             scale,
             denominator,
@@ -735,7 +820,7 @@ def _grad_out_host(x: np.ndarray, out: Any, p: LossPlan) -> np.ndarray:
 # index_rows_grad's per-row loss and weight arrays when it computes no loss,
 # and grad_output = 1 as the kernels read it.
 _NO_LOSSES = np.empty(0, np.float64)
-_ONE = np.ones(1, np.float64)
+_ONE = read_only(np.ones(1, np.float64))
 
 
 @_dispatch.accepts_tensors
@@ -747,6 +832,8 @@ def cross_entropy_and_grad(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
     out: Any = None,
     reduce: int = 2,
     block: int | None = None,
@@ -766,15 +853,21 @@ def cross_entropy_and_grad(
     strategy = _launch.check_strategy(reduce)
     fn = "softkern.cross_entropy_and_grad"
     options = (weight, ignore_index, reduction, label_smoothing)
+    extras = {"softcap": softcap, "lse_square_scale": lse_square_scale}
     host = _host_operands(input, target, weight)
     if host is not None:
         x, t, w = host
-        p = plan_of(fn, True, x, t, w, ignore_index, reduction, label_smoothing, block)
+        p = plan_of(
+            fn, True, x, t, w, ignore_index, reduction, label_smoothing, block,
+            softcap, lse_square_scale,
+        )  # fmt: skip
         if p.kind == "index" and p.plan.cpu_regime == "rows" and p.positions:
             return _cpu_loss_and_grad(p, x, t, w, _grad_out_host(x, out, p))
-    loss = cross_entropy(input, target, *options, reduce=strategy, block=block)
+    loss = cross_entropy(
+        input, target, *options, **extras, reduce=strategy, block=block
+    )
     grad = cross_entropy_backward(
-        input, target, 1.0, *options, out=out, reduce=strategy, block=block
+        input, target, 1.0, *options, **extras, out=out, reduce=strategy, block=block
     )
     return loss, grad
 
@@ -809,6 +902,8 @@ def _cpu_loss_and_grad(
         args.weight,
         p.ignore_index,
         p.smoothing,
+        p.cap,
+        p.zscale,
         _ONE,
         scale,
         target.reshape(rows, p.classes),
@@ -844,6 +939,8 @@ def _cpu_backward(
                 args.target.reshape(outer, classes),
                 args.weight,
                 p.smoothing,
+                p.cap,
+                p.zscale,
                 grads,
                 scale,
                 out3.reshape(outer, classes),
@@ -856,6 +953,8 @@ def _cpu_backward(
                 args.target,
                 args.weight,
                 p.smoothing,
+                p.cap,
+                p.zscale,
                 grads,
                 scale,
                 p.plan.cpu_strip,
@@ -866,7 +965,7 @@ def _cpu_backward(
         cpu_store(out, target)
         return
     scale = _index_scale(p, args, scale)
-    common = (args.weight, p.ignore_index, p.smoothing, grads, scale)
+    common = (args.weight, p.ignore_index, p.smoothing, p.cap, p.zscale, grads, scale)
     if rows:
         cpu_losses.index_rows_grad(
             args.x3.reshape(outer, classes),

@@ -113,30 +113,57 @@ def _reduce_loss(loss, reduction, denominator):
         return total if reduction == "sum" else np.float64(total / denominator)
 
 
-def _index_loss(logp, t, w, ignore_index, reduction, eps):
+def _index_loss(logp, t, w, ignore_index, reduction, eps, extra=0.0):
+    """nll of log-probabilities, smoothed; `extra` adds a loss per position
+    (the z-loss) to the counted ones."""
     ignored, safe, wt = _index_rows(logp, t, w, ignore_index)
     picked = np.take_along_axis(logp, safe[..., None], -1)[..., 0]
     with np.errstate(invalid="ignore"):
         loss = -(1 - eps) * wt * picked
         if eps > 0:  # as torch: no smoothing term at all when eps == 0
             loss -= eps / logp.shape[-1] * (w * logp).sum(-1)
+        loss = loss + extra
     return _reduce_loss(np.where(ignored, 0.0, loss), reduction, wt.sum())
 
 
+def _capped(x, softcap):
+    """Logit soft-capping, softcap * tanh(x / softcap); x for None."""
+    return x if softcap is None else softcap * np.tanh(x / softcap)
+
+
+def _lse(x):
+    """log(sum(exp(x))) over the last axis, as the loss's z-loss sees it."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        top = np.max(x, -1, keepdims=True)
+        safe = np.where(np.isfinite(top), top, 0.0)
+        return (np.log(np.exp(x - safe).sum(-1, keepdims=True)) + safe)[..., 0]
+
+
 def numpy_cross_entropy(
-    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+    input,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=None,
+    lse_square_scale=0.0,
 ):
     """torch.nn.functional.cross_entropy in float64: class dim 1 (0 for 1-D
-    input), index or (same shape, float) probability targets."""
+    input), index or (same shape, float) probability targets; `softcap`
+    caps the logits first, `lse_square_scale` adds the z-loss scale * lse**2
+    per counted position."""
     x, t, w, prob, c = _loss_operands(input, target, weight)
+    x = _capped(x, softcap)
     with np.errstate(invalid="ignore"):  # inf - inf: NaN, as torch
         logp = EXACT["log_softmax"](x, -1)
+        extra = lse_square_scale * _lse(x) ** 2 if lse_square_scale else 0.0
     eps = float(label_smoothing)
     if not prob:
-        return _index_loss(logp, t, w, ignore_index, reduction, eps)
+        return _index_loss(logp, t, w, ignore_index, reduction, eps, extra)
     q = t * (1 - eps) + eps / c
     with np.errstate(invalid="ignore"):
-        loss = -(w * q * logp).sum(-1)
+        loss = -(w * q * logp).sum(-1) + extra
     return _reduce_loss(loss, reduction, loss.size)
 
 
@@ -154,23 +181,30 @@ def numpy_cross_entropy_backward(
     ignore_index=-100,
     reduction="mean",
     label_smoothing=0.0,
+    softcap=None,
+    lse_square_scale=0.0,
 ):
     """d cross_entropy / d input in float64, shape of input."""
     x, t, w, prob, c = _loss_operands(input, target, weight)
+    raw, x = x, _capped(x, softcap)
     with np.errstate(invalid="ignore"):
         p = EXACT["softmax"](x, -1)
+        zslope = 2 * lse_square_scale * _lse(x) if lse_square_scale else 0.0
     eps = float(label_smoothing)
     g = np.asarray(grad_output, np.float64)
     if prob:
         q = t * (1 - eps) + eps / c
-        grad = p * (w * q).sum(-1, keepdims=True) - w * q
+        grad = p * ((w * q).sum(-1) + zslope)[..., None] - w * q
         denominator, ignored = q[..., 0].size, np.zeros(q.shape[:-1], bool)
     else:
         ignored, safe, wt = _index_rows(x, t, w, ignore_index)
-        a = (1 - eps) * wt + eps / c * w.sum()
+        a = (1 - eps) * wt + eps / c * w.sum() + zslope
         onehot = np.arange(c) == safe[..., None]
         grad = p * a[..., None] - (1 - eps) * wt[..., None] * onehot - eps / c * w
         denominator = wt.sum()
+    if softcap is not None:
+        with np.errstate(over="ignore"):  # cosh overflows: a slope of 0
+            grad = grad / np.cosh(raw / softcap) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
         if reduction == "mean":
             g = g / denominator

@@ -10,13 +10,18 @@
   (8192, 4096) float32 logits that require grad and int64 targets:
   ``sk.cross_entropy(x, t).backward()`` (the fused loss-and-gradient op)
   against ``F.cross_entropy(x, t).backward()``, ``x.grad`` reset before
-  each. Target: PyTorch's time / softkern's >= 2.
+  each. Target: PyTorch's time / softkern's >= 2. A second row adds
+  softcap and the z-loss: ``sk.cross_entropy(x, t, softcap=30,
+  lse_square_scale=1e-4)`` against the same written in PyTorch (tanh,
+  cross_entropy, logsumexp squared, through autograd).
 
 A plain ``pytest`` runs each row once at small sizes and checks its answer.
 ``python bench/table.py RESULTS.json --bench torch`` makes the table.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -67,13 +72,37 @@ def test_overhead(benchmark, function, impl):
     time_row(benchmark, lambda: call(x, t), x.nbytes)
 
 
+# Gemma 2's final-logit cap and PaLM's z-loss scale
+SOFTCAP, Z_SCALE = 30.0, 1e-4
+
+
+def _capped_z_loss(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """softcap and the z-loss written in PyTorch, as a training loop without
+    a fused kernel would: capped logits, their cross entropy, plus the
+    scaled squared logsumexp, averaged."""
+    z = SOFTCAP * torch.tanh(x / SOFTCAP)
+    per = F.cross_entropy(z, t, reduction="none")
+    return (per + Z_SCALE * torch.logsumexp(z, 1) ** 2).mean()
+
+
+LOSSES = {
+    "cross_entropy + backward": (sk.cross_entropy, F.cross_entropy),
+    "cross_entropy (softcap, z-loss) + backward": (
+        functools.partial(sk.cross_entropy, softcap=SOFTCAP, lse_square_scale=Z_SCALE),
+        _capped_z_loss,
+    ),
+}
+
+
 @pytest.mark.parametrize("impl", ["softkern", "torch"])
-def test_train_step(benchmark, impl):
+@pytest.mark.parametrize("function", list(LOSSES))
+def test_train_step(benchmark, function, impl):
     shape = SMOKE_TRAIN_SHAPE if benchmark.disabled else TRAIN_SHAPE
     x_host, t_host = _operands(shape)
     x = torch.from_numpy(x_host).requires_grad_()
     t = torch.from_numpy(t_host)
-    loss_fn = sk.cross_entropy if impl == "softkern" else F.cross_entropy
+    ours_fn, theirs_fn = LOSSES[function]
+    loss_fn = ours_fn if impl == "softkern" else theirs_fn
 
     def step() -> None:
         x.grad = None
@@ -82,11 +111,11 @@ def test_train_step(benchmark, impl):
     step()
     ours = x.grad
     reference = x.detach().clone().requires_grad_()
-    F.cross_entropy(reference, t).backward()
+    theirs_fn(reference, t).backward()
     torch.testing.assert_close(ours, reference.grad)
-    benchmark.group = f"train step {shape[0]}x{shape[1]} float32"
+    benchmark.group = f"train step {function} {shape[0]}x{shape[1]} float32"
     benchmark.extra_info.update(
-        bench="torch", group="train step", function="cross_entropy + backward",
+        bench="torch", group="train step", function=function,
         impl=impl, shape=list(shape), dtype="float32", device="cpu",
     )  # fmt: skip
     # The least a step moves: the logits read, the gradient written.

@@ -559,15 +559,19 @@ def _cross_entropy_through(
     block=None,
 ):
     _no_target_grad("cross_entropy", target, weight)
+    # Checked here, as the NumPy path does, before the schema's floats
+    # would take a bool or fail in other words.
+    fn = "softkern.cross_entropy"
+    cap = _losses._check_softcap(softcap, fn)
     args = (
         _as_tensor_arg(input),
         _as_tensor_arg(target),
         None if weight is None else _as_tensor_arg(weight),
         int(ignore_index),
         reduction,
-        float(label_smoothing),
-        None if softcap is None else float(softcap),
-        float(lse_square_scale),
+        _losses._check_smoothing(label_smoothing, fn),
+        cap or None,
+        _losses._check_lse_square_scale(lse_square_scale, fn),
         reduce,
         block,
     )

@@ -316,6 +316,9 @@ def test_softcap_and_z_loss_through_autograd(rng, dtype):
         label_smoothing=0.1, softcap=7.0, lse_square_scale=0.05
     )
     torch.testing.assert_close(module(x, t), l2.detach())
+    for bad in ({"softcap": True}, {"softcap": 0.0}, {"lse_square_scale": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sk.cross_entropy(x1, t, **bad)
     x64 = x.double().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda v: sk.cross_entropy(v, t, softcap=3.0, lse_square_scale=0.1), (x64,)

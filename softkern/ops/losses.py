@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,43 +39,42 @@ def _check_reduction(reduction: str, fn: str) -> str:
     return reduction
 
 
-def _check_smoothing(label_smoothing: float, fn: str) -> float:
+def _check_number(
+    value: Any, name: str, fn: str, lo: float, hi: float, expected: str
+) -> float:
+    """`value` as a float if it is a real number (not a bool) with lo <=
+    value <= hi (lo, hi exclusive where infinite or, for softcap, 0);
+    otherwise ValueError naming `name` and what was `expected`."""
     if (
-        not isinstance(label_smoothing, numbers.Real)
-        or isinstance(label_smoothing, bool)
-        or not 0.0 <= float(label_smoothing) <= 1.0
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not lo <= float(value) <= hi
     ):
-        raise ValueError(
-            f"{fn}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}"
-        )
-    return float(label_smoothing)
+        raise ValueError(f"{fn}: {name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _check_smoothing(label_smoothing: float, fn: str) -> float:
+    return _check_number(
+        label_smoothing, "label_smoothing", fn, 0.0, 1.0, "a number in [0, 1]"
+    )
 
 
 def _check_softcap(softcap: float | None, fn: str) -> float:
     """softcap as the kernels take it: 0 for none."""
     if softcap is None:
         return 0.0
-    if (
-        not isinstance(softcap, numbers.Real)
-        or isinstance(softcap, bool)
-        or not 0.0 < float(softcap) < math.inf
-    ):
-        raise ValueError(
-            f"{fn}: softcap must be None or a finite number > 0, got {softcap!r}"
-        )
-    return float(softcap)
+    return _check_number(
+        softcap, "softcap", fn, math.ulp(0.0), sys.float_info.max,
+        "None or a finite number > 0",
+    )  # fmt: skip
 
 
 def _check_lse_square_scale(scale: float, fn: str) -> float:
-    if (
-        not isinstance(scale, numbers.Real)
-        or isinstance(scale, bool)
-        or not 0.0 <= float(scale) < math.inf
-    ):
-        raise ValueError(
-            f"{fn}: lse_square_scale must be a finite number >= 0, got {scale!r}"
-        )
-    return float(scale)
+    return _check_number(
+        scale, "lse_square_scale", fn, 0.0, sys.float_info.max,
+        "a finite number >= 0",
+    )  # fmt: skip
 
 
 def _check_ignore_index(ignore_index: int, fn: str) -> int:

@@ -70,7 +70,10 @@ TANH_SERIES = (
 TANH_SERIES_TOP = 0.1
 
 
-@njit(inline="always", cache=True)
+# Not inlined in Numba's IR: a capped loss kernel reads logits in a dozen
+# places, and a copy of this body at each made the warmup 2 minutes longer;
+# LLVM still inlines it into the loops and vectorises them.
+@njit(cache=True)
 def tanh_parts(y):
     """(tanh(y), e = exp(-2|y|)) in y's type, from ``exp_nonpositive``, so
     that loops calling it vectorise (libm's tanh is a call per element, and

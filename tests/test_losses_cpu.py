@@ -444,6 +444,23 @@ def test_backward_grad_output_forms(rng):
     np.testing.assert_array_equal(zero, np.zeros_like(x))
 
 
+def test_fused_gradient_does_not_depend_on_where_out_lies(rng):
+    # As the softmax's: the fused pass stores exponentials into out while
+    # summing them; an out just after x once took LLVM's scalar copy.
+    for dtype, classes in ((np.float64, 4), (np.float32, 7)):
+        buf = np.empty(60 * classes, dtype)
+        x = buf[: 3 * classes].reshape(3, classes)  # rows regime
+        x[:] = rng.standard_normal(x.shape)
+        target = rng.integers(0, classes, 3)
+        loss, grad = sk.cross_entropy_and_grad(x.copy(), target)
+        for start in range(3 * classes, 3 * classes + 40):
+            out = buf[start : start + 3 * classes].reshape(3, classes)
+            out[:] = np.nan
+            again, _ = sk.cross_entropy_and_grad(x, target, out=out)
+            assert again == loss
+            np.testing.assert_array_equal(out, grad)
+
+
 def test_backward_by_finite_differences(rng):
     x = logits(rng, (3, 4), np.float64)
     t = np.array([1, -100, 3])

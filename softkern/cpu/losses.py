@@ -53,6 +53,7 @@ from softkern.cpu.softmax import (
     SUM_BLOCK,
     TILE,
     as_acc,
+    fused_sum_is_safe,
     strip_max,
     strip_of,
 )
@@ -137,7 +138,7 @@ def z_slope(zscale, top, shift):
 
 
 @njit(inline="always", cache=True)
-def tile_stats(xt, ot, store, cap, lowest):
+def tile_stats(xt, ot, store, fused, cap, lowest):
     """(max, rest) of the slice xt: rest = the sum of exp(x - max) less 1,
     summed without the elements equal to the max (each adds exactly 1): a
     confident prediction's loss is log(1 + rest) with rest tiny, which
@@ -145,7 +146,10 @@ def tile_stats(xt, ot, store, cap, lowest):
     accumulator type, added in float64, as in the softmax. With `store`
     the exponentials go into ot too (the gradient's first sweep). With a
     `cap`, of the capped logits: tanh is increasing, so the max of the raw
-    logits, capped, is theirs."""
+    logits, capped, is theirs. Unless `fused` (``fused_sum_is_safe``), a
+    stored tile is summed from ot in a loop of its own, where an exponential
+    of exactly 1 counts as a tie: the same total, in one order whatever the
+    arrays' addresses (see softkern.cpu.softmax.ALIAS_REACH)."""
     top = lowest
     for j in range(xt.shape[0]):
         top = maxnum(top, as_acc(xt[j], lowest))
@@ -157,14 +161,23 @@ def tile_stats(xt, ot, store, cap, lowest):
         ob = ot[b0 : min(xt.shape[0], b0 + SUM_BLOCK)]
         part = as_acc(0, lowest)
         hits = as_acc(0, lowest)  # exact: a block has fewer than 2**24
-        for j in range(xb.shape[0]):
-            v = capped(as_acc(xb[j], lowest), cap)
-            hit = v == top
-            e = exp_nonpositive(v - top)
-            if store:
-                ob[j] = e
-            part += as_acc(0, lowest) if hit else e
-            hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
+        if store and not fused:
+            for j in range(xb.shape[0]):
+                ob[j] = exp_nonpositive(capped(as_acc(xb[j], lowest), cap) - top)
+            for j in range(ob.shape[0]):
+                e = as_acc(ob[j], lowest)
+                hit = e == 1
+                part += as_acc(0, lowest) if hit else e
+                hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
+        else:
+            for j in range(xb.shape[0]):
+                v = capped(as_acc(xb[j], lowest), cap)
+                hit = v == top
+                e = exp_nonpositive(v - top)
+                if store:
+                    ob[j] = e
+                part += as_acc(0, lowest) if hit else e
+                hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
         rest += part
         ties += hits
     return top, rest + (ties - 1)
@@ -192,9 +205,9 @@ def row_stats(x, r, cap, lowest):
     # Slices indexed from 0: indices Numba can see are never negative, so
     # no wraparound check keeps the loops from vectorising.
     xr = x[r]
-    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, cap, lowest)
+    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, True, cap, lowest)
     for j0 in range(TILE, n, TILE):
-        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, cap, lowest)
+        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, True, cap, lowest)
         top, rest = merge_stats(top, rest, m, part)
     return top, rest
 
@@ -354,7 +367,7 @@ def target_weight(target, weight, ignore_index):
 @njit(inline="always", cache=True)
 def index_row_grad(
     x, target, weight, weight_sum, ignore_index, smoothing, cap, zscale, grads,
-    scale, out, r, with_loss, lowest, tile_top,
+    scale, out, r, with_loss, lowest, tile_top, fused,
 ):  # fmt: skip
     """d loss / d x of row r into out[r], and (when `with_loss`) the row's
     (loss, weight) as ``index_row``'s, reading the row from memory once.
@@ -379,7 +392,7 @@ def index_row_grad(
     for k in range((n + TILE - 1) // TILE):
         ot = orow[k * TILE : min(n, (k + 1) * TILE)]
         m, part = tile_stats(
-            xr[k * TILE : min(n, (k + 1) * TILE)], ot, True, cap, lowest
+            xr[k * TILE : min(n, (k + 1) * TILE)], ot, True, fused, cap, lowest
         )
         tile_top[k] = m
         top, rest = (m, part) if k == 0 else merge_stats(top, rest, m, part)
@@ -439,12 +452,13 @@ def index_rows_grad(
     count, n = x.shape
     weight_sum = total_of(weight)
     tiles = max(1, (n + TILE - 1) // TILE)
+    fused = fused_sum_is_safe(x, out)
     if not parallel:
         tile_top = np.empty(tiles, dtype=out.dtype)
         for r in range(count):
             loss, w_t = index_row_grad(
                 x, target, weight, weight_sum, ignore_index, smoothing, cap,
-                zscale, grads, scale, out, r, with_loss, lowest, tile_top,
+                zscale, grads, scale, out, r, with_loss, lowest, tile_top, fused,
             )  # fmt: skip
             if with_loss:
                 losses[r], weights[r] = loss, w_t
@@ -456,6 +470,7 @@ def index_rows_grad(
                 loss, w_t = index_row_grad(
                     x, target, weight, weight_sum, ignore_index, smoothing, cap,
                     zscale, grads, scale, out, r, with_loss, lowest, tile_top,
+                    fused,
                 )  # fmt: skip
                 if with_loss:
                     losses[r], weights[r] = loss, w_t

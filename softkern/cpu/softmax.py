@@ -61,6 +61,29 @@ FASTMATH = {"reassoc"}
 # element for the fused exp-and-sum loop.
 SUM_BLOCK = 512
 
+# softmax's fused loop stores each exponential into the output and adds it
+# to a reassociated sum. LLVM compiles such a loop twice, vectorised and
+# scalar, behind a run-time test that the output does not start within a few
+# vectors after the input; the two copies add in different orders. Left to
+# that test, the result depended on where the allocator put the output (NumPy
+# placing a small output just after its input changed softmax by an ulp
+# between two identical calls). So the kernel picks the loop from what the
+# addresses cannot change: an input of ALIAS_REACH bytes or more written to
+# a separate output takes the fused loop, whose test then always passes (a
+# separate output starts at least the input's size away; LLVM's reach is its
+# vector width times its unroll, 256 bytes here); a smaller input, or out=x,
+# gets the exponentials first and their sum in a loop that stores nothing.
+ALIAS_REACH = 4096
+
+
+@njit(inline="always", cache=True)
+def fused_sum_is_safe(x, out):
+    """Whether softmax's fused store-and-sum loop always runs vectorised on
+    these arrays (see ALIAS_REACH)."""
+    gap = np.int64(out.ctypes.data) - np.int64(x.ctypes.data)
+    return x.nbytes >= ALIAS_REACH and (gap < 0 or gap >= x.nbytes)
+
+
 # A long row is worked on in tiles of this many elements: a tile's max and
 # exponentials (two sweeps) stay in L1, so the row is read from memory once
 # and its second sweep never waits on L2 (measured on (512, 65536) float32
@@ -136,7 +159,7 @@ def merge_sums(top, total, m, part):
 
 
 @njit(inline="always", cache=True)
-def short_row(x, out, r, n, log, lowest):
+def short_row(x, out, r, n, log, lowest, fused):
     """``row`` for n <= TILE: the max, then exp(x - max) (kept in out) and
     their sum, then the scaling, each a plain loop (the tile machinery's
     slices and merges cost 30% on 128-element rows)."""
@@ -157,10 +180,16 @@ def short_row(x, out, r, n, log, lowest):
                 part += exp_nonpositive(as_acc(xb[j], lowest) - top)
         else:
             ob = orow[j0 : min(n, j0 + SUM_BLOCK)]
-            for j in range(xb.size):
-                e = exp_nonpositive(as_acc(xb[j], lowest) - top)
-                ob[j] = e
-                part += e
+            if fused:  # see ALIAS_REACH
+                for j in range(xb.size):
+                    e = exp_nonpositive(as_acc(xb[j], lowest) - top)
+                    ob[j] = e
+                    part += e
+            else:
+                for j in range(xb.size):
+                    ob[j] = exp_nonpositive(as_acc(xb[j], lowest) - top)
+                for j in range(ob.size):
+                    part += ob[j]
         total += part
     if log:
         shift = as_acc(np.log(total), lowest)
@@ -173,7 +202,7 @@ def short_row(x, out, r, n, log, lowest):
 
 
 @njit(inline="always", cache=True)
-def row(x, out, r, n, log, lowest, tile_top):
+def row(x, out, r, n, log, lowest, tile_top, fused):
     """Softmax of row r, a tile of TILE elements at a time: the tile's max,
     then exp(x - that max) (kept in out) and their sum, while the tile is
     in L1; the tiles' (max, sum) merge (``merge_sums``); then one sweep
@@ -185,7 +214,7 @@ def row(x, out, r, n, log, lowest, tile_top):
     elements, added in float64 (``SUM_BLOCK``). `tile_top` holds the
     tiles' maxima (at least ceil(n / TILE) elements)."""
     if n <= TILE:
-        short_row(x, out, r, n, log, lowest)
+        short_row(x, out, r, n, log, lowest, fused)
         return
     # Slices indexed from 0: indices Numba can see are never negative, so
     # no wraparound test keeps the loops from vectorising.
@@ -212,10 +241,16 @@ def row(x, out, r, n, log, lowest, tile_top):
                     part += exp_nonpositive(as_acc(xb[j], lowest) - shift)
             else:
                 ob = ot[j0 : min(xt.size, j0 + SUM_BLOCK)]
-                for j in range(xb.size):
-                    e = exp_nonpositive(as_acc(xb[j], lowest) - shift)
-                    ob[j] = e
-                    part += e
+                if fused:  # see ALIAS_REACH
+                    for j in range(xb.size):
+                        e = exp_nonpositive(as_acc(xb[j], lowest) - shift)
+                        ob[j] = e
+                        part += e
+                else:
+                    for j in range(xb.size):
+                        ob[j] = exp_nonpositive(as_acc(xb[j], lowest) - shift)
+                    for j in range(ob.size):
+                        part += ob[j]
             tile_sum += part
         top, total = merge_sums(top, total, m, tile_sum)
     if top == -np.inf:  # every element -inf (or NaN): NaN, as PyTorch
@@ -243,16 +278,17 @@ def row(x, out, r, n, log, lowest, tile_top):
 def rows(x, out, log, lowest, parallel):
     count, n = x.shape
     tiles = max(1, (n + TILE - 1) // TILE)
+    fused = fused_sum_is_safe(x, out)
     if not parallel:
         tile_top = np.empty(tiles, dtype=out.dtype)
         for r in range(count):
-            row(x, out, r, n, log, lowest, tile_top)
+            row(x, out, r, n, log, lowest, tile_top, fused)
         return
     chunks = min(count, ROW_CHUNKS)
     for chunk in prange(chunks):
         tile_top = np.empty(tiles, dtype=out.dtype)
         for r in range(chunk * count // chunks, (chunk + 1) * count // chunks):
-            row(x, out, r, n, log, lowest, tile_top)
+            row(x, out, r, n, log, lowest, tile_top, fused)
 
 
 @njit(inline="always", cache=True)

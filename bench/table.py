@@ -678,7 +678,8 @@ TORCH_NOTE = (
     "- `overhead`: one call on a (64, 10) float32 CPU tensor and on the "
     "NumPy array over the same memory, in microseconds (min over the rounds); "
     "`+ us` = what the tensor path adds (target: at most 5). `train step`: "
-    "`loss(x, t).backward()` on float32 logits that require grad, `x.grad` "
+    "`loss(x, t).backward()` on float32 and bfloat16 logits that require "
+    "grad (bfloat16: computed in float32, gradient rounded once), `x.grad` "
     "reset first, softkern's fused loss-and-gradient op through autograd "
     "against `F.cross_entropy`; with softcap 30 and z-loss 1e-4, against "
     "the same written in PyTorch (tanh, cross_entropy, logsumexp squared); "
@@ -689,16 +690,17 @@ TORCH_NOTE = (
 def render_torch(
     data: dict[str, Any], benches: Sequence[dict[str, Any]], summary: bool
 ) -> str:
-    by: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    by: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for b in benches:
         info = b["extra_info"]
-        by.setdefault((info["group"], info["function"]), {})[info["impl"]] = b
+        key = (info["group"], info["function"], info.get("dtype", "float32"))
+        by.setdefault(key, {})[info["impl"]] = b
     out = [*header(data, {"cpu"}, TORCH_NOTE, _row_versions(benches)), ""]
     out += [
         "| overhead (64x10 float32) | NumPy us | tensor us | + us |",
         "|---|---:|---:|---:|",
     ]
-    for (group, function), rows in by.items():
+    for (group, function, _), rows in by.items():
         if group != "overhead" or len(rows) < 2:
             continue
         host, tensor = rows["numpy"]["stats"]["min"], rows["tensor"]["stats"]["min"]
@@ -711,7 +713,7 @@ def render_torch(
         "| train step | shape | torch ms | softkern ms | torch / softkern |",
         "|---|---|---:|---:|---:|",
     ]
-    for (group, function), rows in by.items():
+    for (group, function, _), rows in by.items():
         if group != "train step" or len(rows) < 2:
             continue
         ours, theirs = rows["softkern"]["stats"]["min"], rows["torch"]["stats"]["min"]

@@ -34,6 +34,7 @@ from numba import config as numba_config
 from numba import cuda
 
 from softkern import _layout
+from softkern._dtypes import BFLOAT16_BITS, bfloat16, is_bfloat16
 
 Device = Literal["cpu", "cuda"]
 
@@ -210,10 +211,10 @@ class Operand:
         if self.device == "cpu":
             self.array = np.asarray(x)
             self.call = None
+            self.dtype = np.dtype(self.array.dtype)
         else:
-            self.array, self.call = gpu_operand(x)
+            self.array, self.call, self.dtype = gpu_operand(x)
         self.name = name
-        self.dtype = np.dtype(self.array.dtype)
         self.shape = tuple(self.array.shape)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any]:
@@ -322,12 +323,22 @@ class GpuCall:
         if self.kind == "torch":
             import torch
 
+            if is_bfloat16(dtype):
+                t = torch.empty(
+                    shape, dtype=torch.bfloat16, device=f"cuda:{self.device_id}"
+                )
+                return t, _bits_of_torch(t)
             tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
             t = torch.empty(shape, dtype=tdtype, device=f"cuda:{self.device_id}")
             return t, _view_of_cai(t)
         if self.kind == "cupy":
             import cupy
 
+            if is_bfloat16(dtype):
+                raise TypeError(
+                    "softkern: CuPy has no bfloat16 arrays; pass a torch CUDA "
+                    "tensor or a Numba device array of ml_dtypes.bfloat16"
+                )
             with cupy.cuda.Device(self.device_id):
                 c = cupy.empty(shape, dtype)
             return c, _view_of_cai(c)
@@ -335,7 +346,7 @@ class GpuCall:
             arr = _device_scalar_class()(dtype)
         else:
             arr = cuda.device_array(shape, dtype)
-        return arr, arr
+        return arr, _bits_view(arr)
 
 
 def _scalar_conversions(cls):
@@ -375,20 +386,45 @@ def _view_of_cai(obj: Any) -> Any:
     return cuda.as_cuda_array(obj, sync=False)
 
 
-def gpu_operand(obj: Any) -> tuple[Any, GpuCall]:
-    """A Numba (or simulator) device array viewing `obj`, and the call's kind."""
+def gpu_operand(obj: Any) -> tuple[Any, GpuCall, np.dtype]:
+    """A Numba (or simulator) device array viewing `obj` as the kernels read
+    it (bfloat16 as its bits: ``softkern.cuda.convert``), the call's kind,
+    and the elements' dtype."""
     if _is_sim_array(obj):
-        return obj, GpuCall("sim")
+        return _bits_view(obj), GpuCall("sim"), np.dtype(obj.dtype)
     if _is_torch(obj):
         t = obj.detach() if obj.requires_grad else obj
+        if t.dtype == sys.modules["torch"].bfloat16:
+            view = _bits_of_torch(t)
+            return view, GpuCall("torch", t.device.index, t, view), bfloat16()
         view = _view_of_cai(t)
-        return view, GpuCall("torch", t.device.index, t, view)
+        return view, GpuCall("torch", t.device.index, t, view), np.dtype(view.dtype)
     if _module_of(obj) == "cupy":
         view = _view_of_cai(obj)
-        return view, GpuCall("cupy", obj.device.id, obj, view)
-    if isinstance(obj, cuda.cudadrv.devicearray.DeviceNDArray):
-        return obj, GpuCall("numba")
-    return _view_of_cai(obj), GpuCall("numba")
+        return view, GpuCall("cupy", obj.device.id, obj, view), np.dtype(view.dtype)
+    if not isinstance(obj, cuda.cudadrv.devicearray.DeviceNDArray):
+        obj = _view_of_cai(obj)
+    return _bits_view(obj), GpuCall("numba"), np.dtype(obj.dtype)
+
+
+def _bits_view(arr: Any) -> Any:
+    """A device array of bfloat16 (ml_dtypes) as its uint16 bits; any other
+    as itself."""
+    if not is_bfloat16(np.dtype(arr.dtype)):
+        return arr
+    if _is_sim_array(arr):
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(arr._ary.view(BFLOAT16_BITS))
+    return arr.view(BFLOAT16_BITS)
+
+
+def _bits_of_torch(t: Any) -> Any:
+    """A bfloat16 CUDA tensor's bits as a uint16 device array (PyTorch's
+    ``__cuda_array_interface__`` refuses bfloat16, and has no uint16)."""
+    import torch
+
+    return _view_of_cai(t.view(torch.int16)).view(BFLOAT16_BITS)
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

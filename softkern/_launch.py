@@ -118,6 +118,12 @@ def full_reduce_plan(n: int, block: int = DEFAULT_BLOCK) -> FullReducePlan:
 GUMBEL_MAX_GRID = 128
 
 
+def elementwise_grid(n: int, block: int = DEFAULT_BLOCK) -> int:
+    """Blocks of a grid-stride launch with one thread per element of `n`
+    (at most MAX_GRID: each thread then takes several)."""
+    return max(1, min(cdiv(n, block), MAX_GRID))
+
+
 def gumbel_plan(n: int, block: int = DEFAULT_BLOCK) -> FullReducePlan:
     """Grid-stride launch over `n` elements with at most GUMBEL_MAX_GRID blocks."""
     grid = max(1, min(cdiv(n, block), GUMBEL_MAX_GRID, MAX_GRID))

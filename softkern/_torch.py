@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softkern import _layout
+from softkern import _dtypes, _layout
 from softkern.ops import activations as _activations
 from softkern.ops import losses as _losses
 from softkern.ops import softmax as _softmax
@@ -49,12 +49,16 @@ def host_view(t: Tensor) -> np.ndarray:
     """A CPU tensor's memory as a NumPy array, without a copy."""
     if t.requires_grad:
         t = t.detach()
-    if t.dtype == torch.bfloat16:
-        raise TypeError(
-            "softkern has no bfloat16 kernels yet; pass float16, float32 or "
-            "float64 (tensor.float())"
-        )
+    if t.dtype == torch.bfloat16:  # NumPy's bfloat16 is ml_dtypes'
+        return t.view(torch.int16).numpy().view(_dtypes.bfloat16())
     return t.numpy()
+
+
+def as_tensor(a: np.ndarray) -> Tensor:
+    """A tensor over a NumPy array's memory (bfloat16 included)."""
+    if _dtypes.is_bfloat16(a.dtype):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _as_host(value: Any) -> Any:
@@ -72,7 +76,7 @@ def _as_tensor(result: Any, out: Any, out_view: Any) -> Any:
         return result
     if out_view is not None and result is out_view:
         return out
-    return torch.from_numpy(result)
+    return as_tensor(result)
 
 
 def eager(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> Any:
@@ -183,6 +187,8 @@ class Op:
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    if _dtypes.is_bfloat16(dtype):
+        return torch.bfloat16
     return torch.from_numpy(np.empty(0, dtype)).dtype
 
 

@@ -19,6 +19,7 @@ Arrays are drawn at random, seeded, so every run is the same.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,10 +30,12 @@ import numpy as np
 from numba.core import event
 
 import softkern as sk
+from softkern import _dtypes
 from softkern.ops import broadcast as broadcast_ops
 
-FLOATS = ("float32", "float64", "float16")
-REDUCE = ("float32", "float64", "int32", "int64")
+FLOATS = ("float32", "float64", "float16", "bfloat16")
+# bool is summed as uint8's kernels; float16 as float32's (a copy).
+REDUCE = ("float32", "float64", "int32", "int64", "bfloat16", "int8", "uint8", "int16")
 # expand and where copy every real dtype and bool (ops.broadcast.DTYPES).
 BROADCAST = tuple(sorted(d.name for d in broadcast_ops.DTYPES))
 # Strided views (another compiled variant) are warmed for these dtypes; the
@@ -97,9 +100,18 @@ def _data(dtype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if dtype == "bool":
         return rng.random(shape) > 0.5
+    if dtype == _dtypes.BFLOAT16:
+        return rng.standard_normal(shape).astype(np.float32).astype(_dtypes.bfloat16())
     if np.dtype(dtype).kind in "iu":
         return rng.integers(0, 100, shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def _available(dtypes: Iterable[str]) -> Iterator[str]:
+    """`dtypes` less bfloat16 where ml_dtypes is not installed."""
+    for dtype in dtypes:
+        if dtype != _dtypes.BFLOAT16 or importlib.util.find_spec("ml_dtypes"):
+            yield dtype
 
 
 def _layouts(dtype: str, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
@@ -112,7 +124,7 @@ def _layouts(dtype: str, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _reductions() -> Iterator[Call]:
-    for dtype in REDUCE:
+    for dtype in _available(REDUCE):
         x = _data(dtype, (6, 40), 1)
         for op in ("sum", "amax", "amin"):
             fn = getattr(sk, op)
@@ -131,7 +143,7 @@ def _reductions() -> Iterator[Call]:
 
 
 def _softmax_family() -> Iterator[Call]:
-    for dtype in FLOATS:
+    for dtype in _available(FLOATS):
         x = _data(dtype, (6, 40), 3)
         for layout, v in _layouts(dtype, x):
             for op in ("softmax", "log_softmax"):
@@ -166,7 +178,7 @@ def _softmax_family() -> Iterator[Call]:
 
 def _losses() -> Iterator[Call]:
     rng = np.random.default_rng(5)
-    for dtype in FLOATS:
+    for dtype in _available(FLOATS):
         x2 = _data(dtype, (6, 40), 6)
         x3 = _data(dtype, (3, 10, 4), 7)
         cases = (("(N, C)", x2), ("(N, C, d)", x3))
@@ -174,7 +186,8 @@ def _losses() -> Iterator[Call]:
             classes = x.shape[1]
             index = rng.integers(0, classes, x.shape[:1] + x.shape[2:])
             probs = _data(dtype, x.shape, 8) ** 2
-            probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
+            probs = probs / probs.sum(1, keepdims=True)
+            probs = probs.astype(_dtypes.dtype_named(dtype))
             # Strided logits are rare: they compile on first use.
             for layout, v in (("", x),):
                 label = f"{shape} {dtype}{layout}"

@@ -19,12 +19,13 @@ from numba import config as numba_config
 from numba import cuda
 
 import softkern  # noqa: F401  (installs the warp emulation in the simulator)
-from softkern import _dispatch, _launch
+from softkern import _dispatch, _dtypes, _launch
 
 # Test files whose tests run GPU kernels (simulated without a GPU), or compile
 # them all to PTX: marked so that `-m "not sim and not ptx"` skips them.
 SIM_FILES = {
     "test_cudasim.py",
+    "test_dtypes_gpu.py",
     "test_losses_gpu.py",
     "test_notebooks.py",  # each notebook ends with its kernels in the simulator
     "test_reduce_gpu.py",
@@ -41,15 +42,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.sim)
         elif name == "test_ptx.py":
             item.add_marker(pytest.mark.ptx)
+    # The tests that wait for the PTX compiles go last: every other test runs
+    # while NVVM works (in alphabetical order they waited minutes mid-run).
+    waiting = [item for item in items if _waits_for_ptx(item)]
+    if waiting:
+        items[:] = [item for item in items if not _waits_for_ptx(item)] + waiting
+
+
+def _waits_for_ptx(item) -> bool:
+    return item.path.name == "test_ptx.py" and "compiled" in item.fixturenames
 
 
 def pytest_collection_finish(session):
     """Start compiling every kernel to PTX now (minutes of NVVM in two
     processes) if the PTX tests are to run, so it overlaps the other tests."""
-    if any(
-        item.path.name == "test_ptx.py" and "compiled" in item.fixturenames
-        for item in session.items
-    ):
+    if any(_waits_for_ptx(item) for item in session.items):
         import test_ptx
 
         session.config.stash[test_ptx.PTX_JOBS] = test_ptx.start_compiles()
@@ -102,7 +109,7 @@ def fresh_plans():
 
 
 def _sentinel(dtype: np.dtype):
-    if dtype.kind == "f":
+    if _dtypes.is_float(dtype):
         return np.nan
     if dtype.kind == "b":
         return True  # half the values a test expects are False
@@ -124,7 +131,8 @@ def nan_filled_outputs(monkeypatch):
     def filled_gpu(self, shape, dtype):
         native, view = gpu_empty(self, shape, dtype)
         dtype = np.dtype(dtype)
-        view.copy_to_device(np.full(view.shape, _sentinel(dtype), dtype))
+        filled = np.full(view.shape, _sentinel(dtype), dtype)
+        view.copy_to_device(filled.view(view.dtype))  # bfloat16: as its bits
         return native, view
 
     monkeypatch.setattr(_dispatch, "host_empty", filled_host)

@@ -39,9 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CCS = ("8.0", "9.0")
 TIMEOUT_S = 480
 # int32 sums accumulate in int64 and no int32 kernel has a reason to touch
-# floats at all, and float16 softmax computes in float32, so they get the
-# float32 check too.
-NO_F64_DTYPES = ("float16", "float32", "int32")
+# floats at all (nor bool's and the small integers'), and float16 and
+# bfloat16 compute in float32, so they get the float32 check too.
+NO_F64_DTYPES = (
+    "float16",
+    "bfloat16",
+    "float32",
+    "int32",
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+)
 
 
 # --- kernel_facts on hand-written PTX (independent of NVVM) -----------------

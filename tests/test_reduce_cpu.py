@@ -183,7 +183,7 @@ def test_bad_arguments():
         sk.sum(x, reduce=3)
     with pytest.raises(ValueError, match="block"):
         sk.sum(x, block=48)
-    for bad in (np.float16, np.bool_, np.complex64, np.int8, np.uint32):
+    for bad in (np.complex64, np.uint16, np.uint32):  # float16, bool, int8: test_dtypes
         with pytest.raises(TypeError, match="dtype"):
             sk.sum(np.ones(3, bad))
     with pytest.raises(TypeError, match="accepted"):

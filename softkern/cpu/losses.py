@@ -773,7 +773,7 @@ def nll_slab(x, target, weight, ignore_index, losses, weights, o):
             weights[o, c] = 0.0
         else:
             w_t = np.float64(weight[t])
-            losses[o, c] = -w_t * x[o, t, c]
+            losses[o, c] = -w_t * as_acc(x[o, t, c], 0.0)  # in float64
             weights[o, c] = w_t
 
 

@@ -29,10 +29,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 from numba.extending import overload
 
 from softkern.cpu import parallel_kernel
+from softkern.cpu.bfloat16 import widen
 from softkern.cpu.fma import fma
 from softkern.cuda.reduce import acc_dtype, identity
 
@@ -96,6 +97,11 @@ def _combine(op, a, b):
     )
     if fold is None:
         return None
+    if b == types.uint16 and isinstance(a, types.Float):  # bfloat16's bits
+        return lambda op, a, b: fold(a, widen(b))
+    if isinstance(b, types.Boolean):  # folded as a's integer (int32, int64)
+        kind = a
+        return lambda op, a, b: fold(a, kind(b))
     return lambda op, a, b: fold(a, b)
 
 

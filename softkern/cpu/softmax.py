@@ -31,9 +31,12 @@ module-level functions, not closures, so Numba's on-disk cache finds them in
 every process.
 
 Memory: the output, plus per strip a few rows of `strip` numbers and per
-long row its tiles' maxima; nothing of the input's size (except for
-float16, which Numba cannot compute with on the CPU: its input is widened to
-a float32 copy, and its result computed in float32 before it is rounded).
+long row its tiles' maxima; nothing of the input's size. bfloat16 input is
+read as its bits and widened as each element loads (``as_acc``); float16,
+which Numba cannot load on the CPU, is widened to a float32 copy. Both write
+their results into a float32 array that the host rounds into the output
+(``ops.softmax.cpu_store``), as the softmax keeps its exponentials in the
+output between sweeps.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from softkern.cpu import parallel_kernel
+from softkern.cpu.bfloat16 import widen
 from softkern.cpu.fma import maxnum
 from softkern.cpu.simd_exp import exp, exp_nonpositive, log1p_unit32, log1p_unit64
 
@@ -110,6 +114,8 @@ def as_acc(value, lowest):
 @overload(as_acc, inline="always")
 def _as_acc(value, lowest):
     kind = lowest
+    if value == types.uint16:  # a bfloat16's bits (softkern.cpu.bfloat16)
+        return lambda value, lowest: kind(widen(value))
     return lambda value, lowest: kind(value)
 
 

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 from numba import cuda, int64
 
-from softkern._launch import DEFAULT_BLOCK, MAX_GRID, cdiv
+from softkern._launch import DEFAULT_BLOCK, elementwise_grid
 
 MAX_GATHER_DIMS = 4
 
@@ -73,7 +73,7 @@ def gather_contiguous(x, stream=0):
         )
     out = cuda.device_array(x.size, np.dtype(x.dtype), stream=stream)
     if x.size:
-        grid = min(cdiv(x.size, DEFAULT_BLOCK), MAX_GRID)
+        grid = elementwise_grid(x.size)
         _gathers()[x.ndim][grid, DEFAULT_BLOCK, stream](x, out)
     return out.reshape(x.shape)
 

@@ -47,7 +47,9 @@ import numpy as np
 from numba import cuda, int64
 from numba.np.numpy_support import from_dtype
 
+from softkern._dtypes import dtype_named
 from softkern._launch import WARP, softmax_acc_dtype
+from softkern.cuda.convert import kernel_dtype, loader
 from softkern.cuda.reduce import group_reducer
 from softkern.cuda.softmax import (
     _group_layout,
@@ -225,7 +227,8 @@ def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
 
     Launch config: as ``group_stats``; every thread of the block calls it.
     """
-    acc, _, acc_dt = _types(dtype)
+    _, _, acc_dt = _types(dtype)
+    load = loader(np.dtype(dtype), acc_dt)  # x's elements
     zero = acc_dt.type(0)
     one = acc_dt.type(1)
     neg_inf = acc_dt.type(-np.inf)
@@ -247,13 +250,13 @@ def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
         pivot = zero
         needs_mass = probs or smoothing > 0
         if valid and n > 0:
-            pivot = capped(acc(x[o, 0, c]), cap)
+            pivot = capped(load(x[o, 0, c]), cap)
             if not math.isfinite(pivot):
                 pivot = zero
         if valid:
             k = first
             while k < n:
-                v = capped(acc(x[o, k, c]), cap)
+                v = capped(load(x[o, k, c]), cap)
                 top, rest = update(top, rest, v)
                 if needs_mass:
                     u = term(target, weight, smoothing, o, k, c, n)
@@ -317,6 +320,7 @@ def forward_kernel(
     [grid, block].
     """
     acc, out_type, acc_dt = _types(dtype)
+    load = loader(np.dtype(dtype), acc_dt)  # x's elements
     zero = acc_dt.type(0)
     one = acc_dt.type(1)
     inf = acc_dt.type(np.inf)
@@ -357,7 +361,7 @@ def forward_kernel(
                     if t >= 0:
                         counted = True
                         w_t = acc(weight[t])
-                        logit = capped(acc(x[o, t, c]), cap)
+                        logit = capped(load(x[o, t, c]), cap)
                         loss = w_t * ((top - logit) + log_sum)
                         if smoothing > 0:
                             uniform = mass * ((top - pivot) + log_sum) + spread
@@ -398,6 +402,7 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
     [grid, block].
     """
     acc, out_type, acc_dt = _types(dtype)
+    load = loader(np.dtype(dtype), acc_dt)  # x's elements
     zero = acc_dt.type(0)
     one = acc_dt.type(1)
     inf = acc_dt.type(np.inf)
@@ -466,7 +471,7 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
                 while k < n:
                     grad = zero  # an ignored target's row
                     if live:
-                        v = acc(x[o, k, c])
+                        v = load(x[o, k, c])
                         grad = math.exp(capped(v, cap) - top) * a
                         grad -= b * term(target, weight, smoothing, o, k, c, n)
                         if k == t:
@@ -488,6 +493,7 @@ def nll_kernel(strategy: int, block: int, total: bool, dtype):
     Launch config: ``FullReducePlan`` of outer * inner positions.
     """
     acc, out_type, acc_dt = _types(dtype)
+    load = loader(np.dtype(dtype), acc_dt)  # x's elements
     zero = acc_dt.type(0)
     target_of = _target_of("index")
     fold_block = group_reducer("sum", strategy, block, 1, block, acc_dt)
@@ -506,7 +512,7 @@ def nll_kernel(strategy: int, block: int, total: bool, dtype):
             w_t = zero
             if t >= 0:
                 w_t = acc(weight[t])
-                loss = -w_t * acc(x[o, t, c])
+                loss = -w_t * load(x[o, t, c])
             if total:
                 loss_sum += loss
                 weight_sum += w_t
@@ -579,13 +585,14 @@ def launch_forward(
     strategy,
     stream,
     bad,
+    dtype,
 ):
-    """cross_entropy of x (outer, C, inner) into out: losses (outer, inner),
-    or partials (2, plan.grid) when `total`."""
-    kernel = forward_kernel(
-        kind, plan.regime, strategy, plan.block, total, np.dtype(out.dtype)
-    )
-    acc = softmax_acc_dtype(out.dtype).type
+    """cross_entropy of x (outer, C, inner) of `dtype` elements (bfloat16:
+    their bits) into out: losses (outer, inner) of `dtype`, or partials
+    (2, plan.grid) in the compute type when `total`."""
+    dtype = np.dtype(dtype)
+    kernel = forward_kernel(kind, plan.regime, strategy, plan.block, total, dtype)
+    acc = softmax_acc_dtype(dtype).type
     kernel[plan.grid, plan.block, stream](
         x,
         target,
@@ -617,11 +624,12 @@ def launch_backward(
     strategy,
     stream,
     bad,
+    dtype,
 ):
-    kernel = backward_kernel(
-        kind, plan.regime, strategy, plan.block, np.dtype(out.dtype)
-    )
-    acc = softmax_acc_dtype(out.dtype).type
+    """The gradient of cross_entropy into out, as ``launch_forward``."""
+    dtype = np.dtype(dtype)
+    kernel = backward_kernel(kind, plan.regime, strategy, plan.block, dtype)
+    acc = softmax_acc_dtype(dtype).type
     kernel[plan.grid, plan.block, stream](
         x,
         target,
@@ -640,16 +648,17 @@ def launch_backward(
 
 
 def launch_nll(
-    x, target, weight, ignore_index, out, total, plan, strategy, stream, bad
+    x, target, weight, ignore_index, out, total, plan, strategy, stream, bad, dtype
 ):
     """nll_loss over (outer, C, inner); `plan` a ``FullReducePlan`` of the
-    positions; out as ``launch_forward``."""
-    kernel = nll_kernel(strategy, plan.block, total, np.dtype(out.dtype))
+    positions; out and `dtype` as ``launch_forward``."""
+    kernel = nll_kernel(strategy, plan.block, total, np.dtype(dtype))
     kernel[plan.grid, plan.block, stream](x, target, weight, ignore_index, out, bad)
 
 
-def launch_finish(partials, mode, count, out, block, strategy, stream):
-    kernel = finish_kernel(strategy, block, np.dtype(out.dtype))
+def launch_finish(partials, mode, count, out, block, strategy, stream, dtype):
+    """Fold partials into out[0], a `dtype` element (bfloat16: its bits)."""
+    kernel = finish_kernel(strategy, block, np.dtype(dtype))
     kernel[1, block, stream](partials, mode, int64(count), out)
 
 
@@ -659,20 +668,23 @@ def launch_finish(partials, mode, count, out, block, strategy, stream):
 def ptx_cases(block: int = 256):
     """The loss kernels with the argument types they are launched with, as
     ``cuda.reduce.ptx_cases``: each regime of the forward and backward
-    passes for both kinds of target in float32 and float64 (float16, which
-    computes in float32, in the rows regime), every strategy for the warp
-    regime; nll_loss and the finishing fold."""
+    passes for both kinds of target in float32 and float64 (float16 and
+    bfloat16, which compute in float32, in the stream regime), every
+    strategy for the warp regime; nll_loss and the finishing fold."""
     idx = int64[:, :]
     flag = int64[::1]
-    for name in ("float32", "float64", "float16"):
-        dtype = np.dtype(name)
-        t = from_dtype(dtype)
+    for name in ("float32", "float64", "float16", "bfloat16"):
+        dtype = dtype_named(name)
+        t = from_dtype(kernel_dtype(dtype))
         acc = from_dtype(softmax_acc_dtype(dtype))
-        # float32 in every regime; float64 and float16 (computed in float32)
-        # where registers are tightest; each strategy once, in the warp regime.
+        # float32 in every regime; float64 and the 16-bit floats (computed in
+        # float32) where registers are tightest; each strategy once, in the
+        # warp regime. A bfloat16 loss reads its probabilities in float32.
         regimes = ("warp", "stream", "columns") if name == "float32" else ("stream",)
         for regime, kind in itertools.product(regimes, KINDS):
-            target = idx if kind == "index" else t[:, :, :]
+            target = (
+                idx if kind == "index" else (acc if name == "bfloat16" else t)[:, :, :]
+            )
             # x, target, weight, ignore_index, smoothing, cap, zscale, items
             common = (t[:, :, :], target, acc[::1], int64, acc, acc, acc, int64)
             strategies = (0, 1, 2) if (regime, kind) == ("warp", "index") else (2,)

@@ -19,7 +19,9 @@ import numpy as np
 from numba import cuda, int64
 from numba.np.numpy_support import from_dtype
 
+from softkern._dtypes import is_float
 from softkern._launch import WARP
+from softkern.cuda.convert import kernel_dtype, loader, storer
 
 FULL_MASK = 0xFFFFFFFF
 
@@ -44,7 +46,8 @@ COMBINE = {"sum": add, "amax": maximum, "amin": minimum}
 
 
 def identity(op: str, dtype: np.dtype) -> np.generic:
-    """The value a thread with no elements contributes to the fold."""
+    """The value a thread with no elements contributes to the fold (of an
+    accumulator dtype: ``acc_dtype``)."""
     if op == "sum":
         return dtype.type(0)
     if dtype.kind == "f":
@@ -209,14 +212,30 @@ def group_reducer(op: str, strategy: int, group: int, pitch: int, block: int, dt
 
 
 def acc_dtype(op: str, dtype: np.dtype) -> np.dtype:
-    """The accumulator (and result) dtype: integer sums widen to int64."""
-    if op == "sum" and dtype.kind == "i":
+    """The accumulator dtype: sums of bool and integers count in int64 (as
+    NumPy and PyTorch), float16 and bfloat16 compute in float32 (as PyTorch),
+    and the max and min of bool and 8/16-bit integers fold in int32 (exact;
+    the warp shuffles move 32-bit values)."""
+    if dtype.itemsize == 2 and is_float(dtype):
+        return np.dtype(np.float32)
+    if dtype.kind in "biu":
+        if op == "sum":
+            return np.dtype(np.int64)
+        if dtype.itemsize < 4:
+            return np.dtype(np.int32)
+    return dtype
+
+
+def result_dtype(op: str, dtype: np.dtype) -> np.dtype:
+    """The result dtype: int64 for sums of bool and integers, else the
+    input's (the 16-bit floats' float32 result rounded to them)."""
+    if op == "sum" and dtype.kind in "biu":
         return np.dtype(np.int64)
     return dtype
 
 
 @functools.cache
-def full_kernel(op: str, strategy: int, block: int, dtype):
+def full_kernel(op: str, strategy: int, block: int, dtype, out_dtype=None):
     """Stage kernel of a full reduction (sum, amax, amin) of a 1-D array.
 
     Thread t of the grid folds x[t], x[t + S], x[t + 2S], ... (S = grid size in
@@ -230,7 +249,8 @@ def full_kernel(op: str, strategy: int, block: int, dtype):
     """
     dtype = np.dtype(dtype)
     acc_dt = acc_dtype(op, dtype)
-    acc_type = from_dtype(acc_dt)
+    load = loader(dtype, acc_dt)
+    store = storer(acc_dt if out_dtype is None else np.dtype(out_dtype))
     start = identity(op, acc_dt)
     combine = COMBINE[op]
     fold = group_reducer(op, strategy, block, 1, block, acc_dt)
@@ -245,18 +265,18 @@ def full_kernel(op: str, strategy: int, block: int, dtype):
         # Four independent loads in flight per thread; the folds stay in
         # element order, so the CPU replays the same order.
         while i + 3 * stride < n:
-            a0 = acc_type(x[i])
-            a1 = acc_type(x[i + stride])
-            a2 = acc_type(x[i + 2 * stride])
-            a3 = acc_type(x[i + 3 * stride])
+            a0 = load(x[i])
+            a1 = load(x[i + stride])
+            a2 = load(x[i + 2 * stride])
+            a3 = load(x[i + 3 * stride])
             acc = combine(combine(combine(combine(acc, a0), a1), a2), a3)
             i += 4 * stride
         while i < n:
-            acc = combine(acc, acc_type(x[i]))
+            acc = combine(acc, load(x[i]))
             i += stride
         acc = fold(acc)
         if tid == 0:
-            partials[cuda.blockIdx.x] = acc
+            partials[cuda.blockIdx.x] = store(acc)
 
     return reduce_stage
 
@@ -316,7 +336,8 @@ def rows_kernel(op: str, strategy: int, group: int, block: int, dtype):
     """
     dtype = np.dtype(dtype)
     acc_dt = acc_dtype(op, dtype)
-    acc_type = from_dtype(acc_dt)
+    load = loader(dtype, acc_dt)
+    store = storer(result_dtype(op, dtype))
     start = identity(op, acc_dt)
     combine = COMBINE[op]
     fold = group_reducer(op, strategy, group, 1, block, acc_dt)
@@ -335,11 +356,11 @@ def rows_kernel(op: str, strategy: int, group: int, block: int, dtype):
             if row < rows:
                 j = member
                 while j < n:
-                    acc = combine(acc, acc_type(x[row, j]))
+                    acc = combine(acc, load(x[row, j]))
                     j += group
             acc = fold(acc)
             if member == 0 and row < rows:
-                out[row] = acc
+                out[row] = store(acc)
             item += cuda.gridDim.x
 
     return reduce_rows
@@ -359,7 +380,8 @@ def columns_kernel(op: str, strategy: int, block: int, dtype):
     """
     dtype = np.dtype(dtype)
     acc_dt = acc_dtype(op, dtype)
-    acc_type = from_dtype(acc_dt)
+    load = loader(dtype, acc_dt)
+    store = storer(result_dtype(op, dtype))
     start = identity(op, acc_dt)
     combine = COMBINE[op]
     lanes = block // WARP
@@ -380,11 +402,11 @@ def columns_kernel(op: str, strategy: int, block: int, dtype):
             if c < inner:
                 i = part
                 while i < n:
-                    acc = combine(acc, acc_type(x[o, i, c]))
+                    acc = combine(acc, load(x[o, i, c]))
                     i += lanes
             acc = fold(acc)
             if part == 0 and c < inner:
-                out[o, c] = acc
+                out[o, c] = store(acc)
             item += cuda.gridDim.x
 
     return reduce_columns
@@ -393,18 +415,22 @@ def columns_kernel(op: str, strategy: int, block: int, dtype):
 # --- host launchers ----------------------------------------------------------
 
 
-def launch_full(op, x, out, plan, strategy, stream, empty):
+def launch_full(op, x, out, plan, strategy, stream, empty, dtype):
     """Two launches: per-block partials, then one block folds them into out[0].
 
-    `x` is a 1-D device array (any strides), `out` a 1-element device array,
+    `x` is a 1-D device array (any strides) of `dtype` elements (bfloat16:
+    their bits), `out` a 1-element device array of the result dtype,
     `empty(shape, dtype)` allocates device scratch with the caller's allocator.
     """
-    acc_dt = acc_dtype(op, np.dtype(x.dtype))
+    dtype = np.dtype(dtype)
+    acc_dt = acc_dtype(op, dtype)
     partials = empty((plan.grid,), acc_dt)
-    full_kernel(op, strategy, plan.block, np.dtype(x.dtype))[
-        plan.grid, plan.block, stream
-    ](x, partials)
-    full_kernel(op, strategy, plan.block, acc_dt)[1, plan.block, stream](partials, out)
+    full_kernel(op, strategy, plan.block, dtype)[plan.grid, plan.block, stream](
+        x, partials
+    )
+    full_kernel(op, strategy, plan.block, acc_dt, result_dtype(op, dtype))[
+        1, plan.block, stream
+    ](partials, out)
 
 
 def launch_dot(x, y, out, plan, strategy, stream, empty):
@@ -418,10 +444,11 @@ def launch_dot(x, y, out, plan, strategy, stream, empty):
     )
 
 
-def launch_dim(op, x, out, plan, strategy, stream):
+def launch_dim(op, x, out, plan, strategy, stream, dtype):
     """Reduce a (rows, n) view into out[rows], or (outer, n, inner) into
-    out[outer, inner], as ``DimReducePlan`` says."""
-    dtype = np.dtype(x.dtype)
+    out[outer, inner], as ``DimReducePlan`` says; x holds `dtype` elements
+    (bfloat16: their bits)."""
+    dtype = np.dtype(dtype)
     if plan.regime == "rows":
         kernel = rows_kernel(op, strategy, plan.group, plan.block, dtype)
     else:
@@ -433,6 +460,9 @@ def launch_dim(op, x, out, plan, strategy, stream):
 
 # The dtypes the public functions accept (ops/reduce.py reads these).
 REDUCE_DTYPES = ("float32", "float64", "int32", "int64")
+# ... and these too, compiled for the default strategy only in ``ptx_cases``
+# (their folds are the same code as float32's and int32's).
+SMALL_DTYPES = ("float16", "bfloat16", "bool", "int8", "uint8", "int16")
 FLOAT_DTYPES = ("float32", "float64")  # dot
 
 
@@ -440,23 +470,35 @@ def ptx_cases(block: int = 256):
     """Every kernel of this module with the argument types it is launched with.
 
     Yields (name, kernel, argtypes, dtype, strategy) for each supported dtype,
-    strategy and regime, so tests can compile each one for real with
-    ``numba.cuda.compile_ptx`` (no GPU needed) and inspect the PTX.
+    strategy and regime (the SMALL_DTYPES with reduce=2 only), so tests can
+    compile each one for real with ``numba.cuda.compile_ptx`` (no GPU needed)
+    and inspect the PTX.
     """
-    for name in REDUCE_DTYPES:
-        dtype = np.dtype(name)
-        t = from_dtype(dtype)
-        acc = from_dtype(acc_dtype("sum", dtype))
-        for strategy in (0, 1, 2):
+    from softkern._dtypes import dtype_named
+
+    for name in REDUCE_DTYPES + SMALL_DTYPES:
+        dtype = dtype_named(name)
+        t = from_dtype(kernel_dtype(dtype))
+        strategies = (2,) if name in SMALL_DTYPES else (0, 1, 2)
+        for strategy in strategies:
             for op in ("sum", "amax", "amin"):
-                out = acc if op == "sum" else t
+                out = from_dtype(kernel_dtype(result_dtype(op, dtype)))
                 yield (
                     f"full/{op}/{name}/r{strategy}",
                     full_kernel(op, strategy, block, dtype),
-                    (t[:], out[::1]),
+                    (t[:], from_dtype(acc_dtype(op, dtype))[::1]),
                     name,
                     strategy,
                 )
+                acc = acc_dtype(op, dtype)
+                if acc != dtype:  # the second stage: partials to the result
+                    yield (
+                        f"full2/{op}/{name}/r{strategy}",
+                        full_kernel(op, strategy, block, acc, result_dtype(op, dtype)),
+                        (from_dtype(acc)[::1], out[::1]),
+                        name,
+                        strategy,
+                    )
                 for group in (8, WARP, block):
                     yield (
                         f"rows{group}/{op}/{name}/r{strategy}",

@@ -34,16 +34,25 @@ import functools
 import math
 
 import numpy as np
-from numba import config, cuda, int64
+from numba import config, cuda, float32, int64
 from numba.np.numpy_support import from_dtype
 
+from softkern._dtypes import dtype_named, is_bfloat16
 from softkern._launch import WARP, softmax_acc_dtype
+from softkern.cuda.convert import (
+    kernel_dtype,
+    loader,
+    narrow_bits,
+    storer,
+    widen_bits,
+)
 from softkern.cuda.reduce import FULL_MASK, group_reducer, maximum
 
 FORWARD = ("softmax", "log_softmax")
 BACKWARD = ("softmax_backward", "log_softmax_backward")
-# Output dtypes the kernels write; float16 output is computed in float32.
-OUT_DTYPES = ("float16", "float32", "float64")
+# Output dtypes the kernels write; float16 and bfloat16 output is computed
+# in float32.
+OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def bounded_kernel(block: int):
@@ -56,9 +65,50 @@ def bounded_kernel(block: int):
 
 
 def _types(out_dtype):
-    """(accumulator numba type, output numba type, accumulator dtype)."""
+    """(accumulator numba type, the store of an output element (a cast, or
+    bfloat16's rounding to bits: ``cuda.convert.storer``), accumulator
+    dtype)."""
     acc = softmax_acc_dtype(out_dtype)
-    return from_dtype(acc), from_dtype(np.dtype(out_dtype)), acc
+    return from_dtype(acc), storer(np.dtype(out_dtype)), acc
+
+
+def _input_loader(x_dtype, out_dtype):
+    """``load(x[i])`` of the forward kernels: an element of an `x_dtype`
+    array (None: any dtype but bfloat16, converted by Numba) rounded to the
+    output dtype first, as torch.softmax's dtype= casts x before computing,
+    then in the accumulator type."""
+    acc, out_type, _ = _types(out_dtype)
+    out_dtype = np.dtype(out_dtype)
+    if x_dtype is not None and is_bfloat16(x_dtype):
+        if out_dtype.itemsize > 2 or is_bfloat16(out_dtype):
+            # float32 holds every bfloat16: nothing to round
+            @cuda.jit(device=True, inline=True)
+            def load_bits(v):
+                return acc(widen_bits(v))
+
+            return load_bits
+
+        @cuda.jit(device=True, inline=True)
+        def load_bits_as_half(v):
+            return acc(out_type(widen_bits(v)))
+
+        return load_bits_as_half
+    if is_bfloat16(out_dtype):
+
+        @cuda.jit(device=True, inline=True)
+        def load_as_bfloat16(v):
+            # x (float64: via float32, a double rounding) rounded to bfloat16
+            return widen_bits(narrow_bits(float32(v)))
+
+        return load_as_bfloat16
+
+    @cuda.jit(device=True, inline=True)
+    def load(v):
+        # dtype= casts x before computing (as torch.softmax): a float64 x
+        # with dtype=float16 rounds to float16 first, then computes in float32.
+        return acc(out_type(v))
+
+    return load
 
 
 @functools.cache
@@ -190,13 +240,21 @@ def _group_layout(regime: str, block: int) -> tuple[int, int]:
 
 @functools.cache
 def forward_kernel(
-    kind: str, regime: str, strategy: int, block: int, values: int, cache: int, dtype
+    kind: str,
+    regime: str,
+    strategy: int,
+    block: int,
+    values: int,
+    cache: int,
+    dtype,
+    x_dtype=None,
 ):
     """softmax or log_softmax kernel for one regime of ``SoftmaxPlan``.
 
     `dtype` is the output dtype; inputs of any real dtype are converted on
-    load. `values` (warp regime) is the number of elements a lane holds,
-    `cache` (shared regime) the shared-memory row capacity in elements.
+    load (`x_dtype` bfloat16: x holds bfloat16 bits; None: any other dtype).
+    `values` (warp regime) is the number of elements a lane holds, `cache`
+    (shared regime) the shared-memory row capacity in elements.
 
     Launch config: ``SoftmaxPlan``: [grid, block]; (rows, n) views for the
     row regimes, (outer, n, inner) for "columns".
@@ -214,11 +272,7 @@ def forward_kernel(
     update = online_update(acc_dt)
     safe_log = log_of(acc_dt)
 
-    @cuda.jit(device=True, inline=True)
-    def load(v):
-        # dtype= casts x before computing (as torch.softmax): a float64 x
-        # with dtype=float16 rounds to float16 first, then computes in float32.
-        return acc(out_type(v))
+    load = _input_loader(x_dtype, dtype)
 
     @cuda.jit(device=True, inline=True)
     def scale_of(total):
@@ -396,7 +450,8 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
 
     Launch config: ``SoftmaxPlan``: [grid, block].
     """
-    acc, out_type, acc_dt = _types(dtype)
+    _, out_type, acc_dt = _types(dtype)
+    load = loader(np.dtype(dtype), acc_dt)
     zero = acc_dt.type(0)
     log = kind == "log_softmax_backward"
     group, pitch = _group_layout(regime, block)
@@ -430,13 +485,13 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
                 if row < rows:
                     j = member
                     while j < n:
-                        total += term(acc(g[row, j]), acc(y[row, j]))
+                        total += term(load(g[row, j]), load(y[row, j]))
                         j += group
                 total = broadcast(fold_sum(total))
                 if row < rows:
                     j = member
                     while j < n:
-                        out[row, j] = grad(acc(g[row, j]), acc(y[row, j]), total)
+                        out[row, j] = grad(load(g[row, j]), load(y[row, j]), total)
                         j += group
                 item += cuda.gridDim.x
 
@@ -459,13 +514,13 @@ def backward_kernel(kind: str, regime: str, strategy: int, block: int, dtype):
             if c < inner:
                 i = part
                 while i < n:
-                    total += term(acc(g[o, i, c]), acc(y[o, i, c]))
+                    total += term(load(g[o, i, c]), load(y[o, i, c]))
                     i += lanes
             total = broadcast(fold_sum(total))
             if c < inner:
                 i = part
                 while i < n:
-                    out[o, i, c] = grad(acc(g[o, i, c]), acc(y[o, i, c]), total)
+                    out[o, i, c] = grad(load(g[o, i, c]), load(y[o, i, c]), total)
                     i += lanes
             item += cuda.gridDim.x
 
@@ -484,7 +539,8 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
 
     Launch config: ``SoftmaxPlan``: [grid, block].
     """
-    acc, out_type, acc_dt = _types(dtype)
+    _, out_type, acc_dt = _types(dtype)
+    load = loader(np.dtype(dtype), acc_dt)
     zero = acc_dt.type(0)
     neg_inf = acc_dt.type(-np.inf)
     inf = acc_dt.type(np.inf)
@@ -515,14 +571,14 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
                 if valid:
                     j = member
                     while j < n:
-                        top = maximum(top, acc(x[row, j]))
+                        top = maximum(top, load(x[row, j]))
                         j += group
                 shift = finite_or_zero(broadcast(fold_max(top)))
                 total = zero
                 if valid:
                     j = member
                     while j < n:
-                        total += math.exp(acc(x[row, j]) - shift)
+                        total += math.exp(load(x[row, j]) - shift)
                         j += group
                 total = fold_sum(total)
                 if valid and member == 0:
@@ -547,14 +603,14 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
             if c < inner:
                 i = part
                 while i < n:
-                    top = maximum(top, acc(x[o, i, c]))
+                    top = maximum(top, load(x[o, i, c]))
                     i += lanes
             shift = finite_or_zero(broadcast(fold_max(top)))
             total = zero
             if c < inner:
                 i = part
                 while i < n:
-                    total += math.exp(acc(x[o, i, c]) - shift)
+                    total += math.exp(load(x[o, i, c]) - shift)
                     i += lanes
             total = fold_sum(total)
             if c < inner and part == 0:
@@ -567,9 +623,10 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
 # --- host launchers ----------------------------------------------------------
 
 
-def launch_forward(kind, x, out, plan, strategy, stream):
+def launch_forward(kind, x, out, plan, strategy, stream, x_dtype, out_dtype):
     """One launch: softmax/log_softmax of `x` into `out`, both (rows, n) for
-    the row regimes or (outer, n, inner) for "columns", as `plan` says."""
+    the row regimes or (outer, n, inner) for "columns", as `plan` says; the
+    arrays hold `x_dtype` and `out_dtype` elements (bfloat16: their bits)."""
     kernel = forward_kernel(
         kind,
         plan.regime,
@@ -577,20 +634,19 @@ def launch_forward(kind, x, out, plan, strategy, stream):
         plan.block,
         plan.values,
         plan.cache,
-        np.dtype(out.dtype),
+        np.dtype(out_dtype),
+        np.dtype(x_dtype) if is_bfloat16(np.dtype(x_dtype)) else None,
     )
     kernel[plan.grid, plan.block, stream](x, out)
 
 
-def launch_logsumexp(x, out, plan, strategy, stream):
-    kernel = logsumexp_kernel(plan.regime, strategy, plan.block, np.dtype(out.dtype))
+def launch_logsumexp(x, out, plan, strategy, stream, out_dtype):
+    kernel = logsumexp_kernel(plan.regime, strategy, plan.block, np.dtype(out_dtype))
     kernel[plan.grid, plan.block, stream](x, out)
 
 
-def launch_backward(kind, g, y, out, plan, strategy, stream):
-    kernel = backward_kernel(
-        kind, plan.regime, strategy, plan.block, np.dtype(out.dtype)
-    )
+def launch_backward(kind, g, y, out, plan, strategy, stream, dtype):
+    kernel = backward_kernel(kind, plan.regime, strategy, plan.block, np.dtype(dtype))
     kernel[plan.grid, plan.block, stream](g, y, out)
 
 
@@ -635,19 +691,22 @@ def ptx_cases(block: int = 256):
         )
 
     for name in OUT_DTYPES:
-        dtype = np.dtype(name)
-        t = from_dtype(dtype)
+        dtype = dtype_named(name)
+        t = from_dtype(kernel_dtype(dtype))
+        x_dtype = dtype if is_bfloat16(dtype) else None
         itemsize = softmax_acc_dtype(dtype).itemsize
         cache = SHARED_ROW_BYTES // itemsize
         most = WARP_ROW_BYTES // itemsize // WARP  # 16 float32, 8 float64
-        for strategy in (2,) if name == "float16" else (0, 1, 2):
+        for strategy in (2,) if dtype.itemsize == 2 else (0, 1, 2):
             every = tuple(1 << k for k in range(most.bit_length()))
             all_values = every if strategy == 2 else (1, most)
             for kind in FORWARD:
                 for values in all_values:
                     yield (
                         f"warp{values}/{kind}/{name}/r{strategy}",
-                        forward_kernel(kind, "warp", strategy, block, values, 0, dtype),
+                        forward_kernel(
+                            kind, "warp", strategy, block, values, 0, dtype, x_dtype
+                        ),
                         (t[:, :], t[:, ::1]),
                         name,
                         strategy,
@@ -656,14 +715,18 @@ def ptx_cases(block: int = 256):
                     size = cache if regime == "shared" else 0
                     yield (
                         f"{regime}/{kind}/{name}/r{strategy}",
-                        forward_kernel(kind, regime, strategy, block, 0, size, dtype),
+                        forward_kernel(
+                            kind, regime, strategy, block, 0, size, dtype, x_dtype
+                        ),
                         (t[:, :], t[:, ::1]),
                         name,
                         strategy,
                     )
                 yield (
                     f"columns/{kind}/{name}/r{strategy}",
-                    forward_kernel(kind, "columns", strategy, block, 0, 0, dtype),
+                    forward_kernel(
+                        kind, "columns", strategy, block, 0, 0, dtype, x_dtype
+                    ),
                     (t[:, :, :], t[:, :, ::1]),
                     name,
                     strategy,

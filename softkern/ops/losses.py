@@ -12,18 +12,21 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import cuda
 
-from softkern import _dispatch, _launch, _layout
+from softkern import _dispatch, _dtypes, _launch, _layout
 from softkern.cpu import losses as cpu_losses
+from softkern.cuda import convert
 from softkern.cuda import losses as cuda_losses
 from softkern.ops.reduce import _flat
 from softkern.ops.softmax import (
-    FLOAT_NAMES,
+    FLOATS_SAID,
     _contiguous_view,
+    _cpu_casts,
     _gpu_out,
     _host_out,
     cpu_input,
     cpu_store,
     cpu_target,
+    is_softmax_float,
 )
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -139,10 +142,8 @@ def loss_plan(
     cap = _check_softcap(softcap, fn)
     zscale = _check_lse_square_scale(lse_square_scale, fn)
     ignore_index = _check_ignore_index(ignore_index, fn)
-    if x_dtype.name not in FLOAT_NAMES:
-        raise TypeError(
-            f"{fn}: input has dtype {x_dtype}; expected float16, float32 or float64"
-        )
+    if not is_softmax_float(x_dtype):
+        raise TypeError(f"{fn}: input has dtype {x_dtype}; expected {FLOATS_SAID}")
     if not x_shape:
         raise ValueError(
             f"{fn}: input must have a class dim: shape (C,), (N, C) or "
@@ -151,7 +152,7 @@ def loss_plan(
     class_dim = 0 if len(x_shape) == 1 else 1
     classes = x_shape[class_dim]
     batch_shape = x_shape[:class_dim] + x_shape[class_dim + 1 :]
-    if probabilities and t_shape == x_shape and t_dtype.kind == "f":
+    if probabilities and t_shape == x_shape and _dtypes.is_float(t_dtype):
         kind = "probs"
     elif t_shape == x_shape and probabilities:
         raise TypeError(
@@ -174,7 +175,7 @@ def loss_plan(
             )
     if weight is not None:
         w_shape, w_dtype = weight
-        if w_dtype.kind not in "fiu":
+        if w_dtype.kind not in "fiu" and not _dtypes.is_bfloat16(w_dtype):
             raise TypeError(f"{fn}: weight has dtype {w_dtype}; expected a real dtype")
         if w_shape != (classes,):
             raise ValueError(
@@ -198,7 +199,7 @@ def loss_plan(
         out_dtype=x_dtype,
         acc=acc,
         lowest=acc.type(-np.inf),
-        casts=(acc,) if x_dtype != acc else (),
+        casts=_cpu_casts(x_dtype, x_dtype),
         # Probabilities in the compute type: Numba cannot load float16 on
         # the CPU, and one dtype means one compiled kernel (PyTorch wants
         # the input's dtype anyway)
@@ -458,6 +459,8 @@ def _gpu_loss(
     )  # fmt: skip
     if p.kind == "probs":
         target3 = t.around((p.class_dim,))
+        if _dtypes.is_bfloat16(t.dtype):
+            target3 = _device_float32(target3, a.call)
     else:
         target3 = _positions(t, a.shape, p.class_dim)
     return _Loss(p, a, a.around((p.class_dim,)), target3, w)
@@ -491,7 +494,10 @@ class _GpuScratch:
     def weight(self) -> Any:
         if self.loss.weight is None:
             return self.small(np.ones(self.loss.p.classes), self.loss.p.acc)
-        return self.loss.weight.view([(0, 1)])
+        flat = self.loss.weight.view([(0, 1)])
+        if _dtypes.is_bfloat16(self.loss.weight.dtype):
+            return _device_float32(flat, self.call)
+        return flat
 
     def check(self) -> None:
         """Raise IndexError if a kernel met a bad target (waits for them)."""
@@ -539,6 +545,7 @@ def _gpu_forward(loss: _Loss, strategy: int) -> Any:
             strategy,
             scratch.stream,
             scratch.bad,
+            loss.p.out_dtype,
         )
 
     return _gpu_losses(loss, launch, loss.p.plan.grid, strategy)
@@ -552,7 +559,14 @@ def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
         mode = cuda_losses.MEAN
         count = loss.p.positions if loss.p.kind == "probs" else 0
     cuda_losses.launch_finish(
-        partials, mode, count, _flat(out), loss.p.plan.block, strategy, stream
+        partials,
+        mode,
+        count,
+        _flat(out),
+        loss.p.plan.block,
+        strategy,
+        stream,
+        loss.p.out_dtype,
     )
     return native
 
@@ -662,6 +676,7 @@ def nll_loss(
             strategy,
             scratch.stream,
             scratch.bad,
+            loss.p.out_dtype,
         )
 
     return _gpu_losses(loss, launch, plan.grid, strategy)
@@ -682,7 +697,7 @@ def _grads(p: LossPlan, device: str, grad_output: Any) -> tuple[Any, bool]:
             f"{fn}: input is on the {device.upper()} but grad_output is "
             f"on the {g.device.upper()}; pass them on one device"
         )
-    if g.dtype.kind not in "fiu":
+    if g.dtype.kind not in "fiu" and not _dtypes.is_bfloat16(g.dtype):
         raise TypeError(f"{fn}: grad_output has dtype {g.dtype}; expected a real dtype")
     want = p.batch_shape if p.reduction == "none" else ()
     if g.shape not in ((), want):
@@ -696,7 +711,24 @@ def _grads(p: LossPlan, device: str, grad_output: Any) -> tuple[Any, bool]:
         flat = g.view([(0, len(g.shape))])
     if g.call is None:
         return read_only(np.ascontiguousarray(flat, dtype=np.float64)), True
+    if _dtypes.is_bfloat16(g.dtype):
+        return _device_float32(flat, g.call), False
     return flat, False
+
+
+def _device_float32(bits: Any, call: _dispatch.GpuCall) -> Any:
+    """A float32 device copy of a bfloat16 array given as its bits (1-D or
+    (outer, n, inner)): the loss kernels read targets, weights and upstream
+    gradients in the compute type, not in the input's 16 bits."""
+    shape = tuple(bits.shape)
+    bits3 = (
+        bits
+        if len(shape) == 3
+        else _dispatch.strided_view(bits, (1, shape[0], 1), (0, bits.strides[0], 0))
+    )
+    with call.on_device():
+        wide = convert.widened(bits3, call.stream)
+    return wide if len(shape) == 3 else wide.reshape(shape)
 
 
 @_dispatch.accepts_tensors
@@ -773,6 +805,7 @@ def cross_entropy_backward(
                 strategy,
                 scratch.stream,
                 scratch.bad,
+                loss.p.out_dtype,
             )
             cuda_losses.launch_finish(
                 partials,
@@ -782,6 +815,7 @@ def cross_entropy_backward(
                 plan.block,
                 strategy,
                 scratch.stream,
+                loss.p.acc,
             )
         cuda_losses.launch_backward(
             loss.p.kind,
@@ -800,6 +834,7 @@ def cross_entropy_backward(
             strategy,
             scratch.stream,
             scratch.bad,
+            loss.p.out_dtype,
         )
         scratch.check()
     return native

@@ -8,14 +8,26 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from softkern import _dispatch, _launch, _layout
+from softkern import _dispatch, _dtypes, _launch, _layout
 from softkern.cpu import reduce as cpu_reduce
 from softkern.cuda import reduce as cuda_reduce
 
 Dim = int | Sequence[int] | None
-# The kernels' catalogue is the one list of supported dtypes.
-REDUCE_DTYPES = tuple(np.dtype(n).type for n in cuda_reduce.REDUCE_DTYPES)
+# The kernels' catalogue is the one list of supported dtypes (by name:
+# bfloat16's type exists only once ml_dtypes is imported).
+REDUCE_NAMES = cuda_reduce.REDUCE_DTYPES + cuda_reduce.SMALL_DTYPES
 DOT_DTYPES = tuple(np.dtype(n).type for n in cuda_reduce.FLOAT_DTYPES)
+_FLOAT16 = np.dtype(np.float16)
+_FLOAT32 = np.dtype(np.float32)
+_BOOL = np.dtype(np.bool_)
+
+
+def _check_reduce_dtype(dtype: np.dtype, fn: str) -> None:
+    if dtype.name not in REDUCE_NAMES or (
+        dtype.kind == "V" and not _dtypes.is_bfloat16(dtype)
+    ):
+        names = ", ".join(REDUCE_NAMES)
+        raise TypeError(f"{fn}: x has dtype {dtype}; supported: {names}")
 
 
 class ReducePlan(NamedTuple):
@@ -32,6 +44,7 @@ class ReducePlan(NamedTuple):
     dims: tuple[int, ...]
     out_shape: tuple[int, ...]
     acc: np.dtype
+    result: np.dtype  # acc, or the 16-bit float or small integer it rounds to
     start: np.generic
     kind: str
     view: tuple[int, ...]
@@ -52,7 +65,7 @@ def reduce_plan(
     fn = f"softkern.{op}"
     strategy = _launch.check_strategy(strategy)
     block = _launch.check_block(block)
-    _dispatch.check_dtype(dtype, REDUCE_DTYPES, fn, "x")
+    _check_reduce_dtype(dtype, fn)
     dims = _layout.normalize_dims(dim, len(shape))
     out_shape = _layout.reduced_shape(shape, dims, bool(keepdim))
     acc = cuda_reduce.acc_dtype(op, dtype)
@@ -76,8 +89,9 @@ def reduce_plan(
         kind = launch.regime
         view = (outer, n) if kind == "rows" else (outer, n, inner)
     parallel = _launch.cpu_parallel(size * dtype.itemsize)
+    result = cuda_reduce.result_dtype(op, dtype)
     return ReducePlan(
-        op, strategy, dims, out_shape, acc, start, kind, view, launch, parallel
+        op, strategy, dims, out_shape, acc, result, start, kind, view, launch, parallel
     )
 
 
@@ -92,10 +106,14 @@ def _reduce(
     )
     kernel_op = cpu_reduce.OPS[op]
     launch = plan.launch
+    if host.dtype == _FLOAT16:  # Numba cannot load float16 on the CPU: a copy
+        host = host.astype(_FLOAT32)
+    elif host.dtype == _BOOL:  # 0 and 1: uint8's kernels, one compile fewer
+        host = host.view(np.uint8)
     if plan.kind == "full":
         value = cpu_reduce.full_reduce_kernel(
             kernel_op,
-            host.reshape(plan.view),
+            _dtypes.kernel_view(host.reshape(plan.view)),
             launch.grid,
             launch.block,
             plan.strategy,
@@ -103,11 +121,12 @@ def _reduce(
             plan.parallel,
         )
         # a value the kernel returned: made into the result, not written in
-        return np.array(value, plan.acc).reshape(plan.out_shape)
+        # (rounded from the accumulator once, as the GPU's last store does)
+        return _as_result(np.array(value, plan.acc), plan).reshape(plan.out_shape)
     out = _dispatch.host_empty(plan.out_shape, plan.acc)
     if plan.kind == "empty":
-        return out
-    xv = _dispatch.three_d(host, plan.dims, plan.view)
+        return _as_result(out, plan)
+    xv = _dtypes.kernel_view(_dispatch.three_d(host, plan.dims, plan.view))
     if plan.kind == "rows":
         cpu_reduce.rows_kernel(
             kernel_op,
@@ -128,7 +147,15 @@ def _reduce(
             plan.start,
             plan.parallel,
         )
-    return out
+    return _as_result(out, plan)
+
+
+def _as_result(acc: np.ndarray, plan: ReducePlan) -> np.ndarray:
+    """The kernel's accumulators as the result dtype (float32 rounded to
+    float16 or bfloat16, int32 maxima back to bool or small integers)."""
+    if plan.result == plan.acc:
+        return acc
+    return acc.astype(plan.result)
 
 
 def _flat(out: Any) -> Any:
@@ -146,7 +173,7 @@ def _reduce_gpu(
     plan = reduce_plan(
         op, a.shape, a.dtype, _dispatch.key(dim), keepdim, strategy, block
     )
-    native, out = a.empty(plan.out_shape, plan.acc)
+    native, out = a.empty(plan.out_shape, plan.result)
     if plan.kind == "empty":
         return native
     stream = a.call.stream
@@ -160,6 +187,7 @@ def _reduce_gpu(
                 plan.strategy,
                 stream,
                 lambda s, d: a.empty(s, d)[1],
+                a.dtype,
             )
             return native
         x3 = a.around(plan.dims)
@@ -169,11 +197,13 @@ def _reduce_gpu(
             kout = _flat(out)
         else:
             kx = x3
-            item = plan.acc.itemsize
+            item = plan.result.itemsize
             kout = _dispatch.strided_view(
                 out, (outer, inner), (inner * item, item), writeable=True
             )
-        cuda_reduce.launch_dim(op, kx, kout, plan.launch, plan.strategy, stream)
+        cuda_reduce.launch_dim(
+            op, kx, kout, plan.launch, plan.strategy, stream, a.dtype
+        )
     return native
 
 

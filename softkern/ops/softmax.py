@@ -10,29 +10,36 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from softkern import _dispatch, _launch, _layout
+from softkern import _dispatch, _dtypes, _launch, _layout
+from softkern.cpu import bfloat16 as cpu_bfloat16
 from softkern.cpu import softmax as cpu_softmax
 from softkern.cuda import softmax as cuda_softmax
 
-FLOAT_NAMES = cuda_softmax.OUT_DTYPES  # float16, float32, float64
-FLOAT_TYPES = tuple(np.dtype(n).type for n in FLOAT_NAMES)
+# The dtypes softmax and the losses compute in and return; the 16-bit ones
+# compute in float32, as PyTorch does.
+FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+FLOATS_SAID = "float16, bfloat16, float32 or float64"
 DTypeLike = Any
 _FLOAT16 = np.dtype(np.float16)
 _FLOAT32 = np.dtype(np.float32)
+
+
+def is_softmax_float(dtype: np.dtype) -> bool:
+    return dtype.name in FLOAT_NAMES and _dtypes.is_float(dtype)
 
 
 def _as_dtype(dtype: DTypeLike, fn: str) -> np.dtype:
     """A NumPy dtype from a NumPy dtype-like or a torch dtype."""
     if hasattr(dtype, "is_floating_point") and not isinstance(dtype, type):
         dtype = str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> "float32"
+    if isinstance(dtype, str) and dtype == _dtypes.BFLOAT16:
+        dtype = _dtypes.bfloat16()  # a TypeError naming ml_dtypes without it
     try:
         dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"{fn}: dtype must be a float dtype, got {dtype!r}") from None
-    if dtype.name not in FLOAT_NAMES:
-        raise TypeError(
-            f"{fn}: dtype must be float16, float32 or float64, got {dtype.name}"
-        )
+    if not is_softmax_float(dtype):
+        raise TypeError(f"{fn}: dtype must be {FLOATS_SAID}, got {dtype.name}")
     return dtype
 
 
@@ -41,14 +48,14 @@ def _out_dtype(x_dtype: np.dtype, dtype: DTypeLike, fn: str) -> np.dtype:
     else x's own dtype, which must be a float."""
     if dtype is not None:
         out = _as_dtype(dtype, fn)
-        if x_dtype.kind not in "biuf":
+        if x_dtype.kind not in "biuf" and not _dtypes.is_bfloat16(x_dtype):
             raise TypeError(f"{fn}: cannot cast x of dtype {x_dtype} to {out}")
         return out
-    if x_dtype.name in FLOAT_NAMES:
+    if is_softmax_float(x_dtype):
         return x_dtype
     raise TypeError(
-        f"{fn}: x has dtype {x_dtype}, but softmax needs float16, float32 or "
-        f"float64 input; pass dtype=np.float32 (or np.float64) to cast it first"
+        f"{fn}: x has dtype {x_dtype}, but softmax needs {FLOATS_SAID} "
+        f"input; pass dtype=np.float32 (or np.float64) to cast it first"
     )
 
 
@@ -81,37 +88,48 @@ def _rows(x3: Any, writeable: bool = False) -> Any:
 
 def _cpu_casts(x_dtype: np.dtype, out_dtype: np.dtype) -> tuple[np.dtype, ...]:
     """The casts a CPU kernel's input goes through first: ``dtype=float16``
-    rounds x to float16 first, as PyTorch does; and Numba has no float16
-    arithmetic on the CPU, so float16 is widened to float32 (a copy, for
-    float16 only)."""
+    (or bfloat16, or float32 of a float64 x) rounds x to that dtype first, as
+    PyTorch does; and Numba has no float16 arithmetic on the CPU, so float16
+    is widened to float32 (a copy, for float16 only: bfloat16 is widened as
+    it is loaded, ``softkern.cpu.bfloat16``)."""
     casts = []
-    if out_dtype == _FLOAT16 and x_dtype != _FLOAT16:
-        casts.append(_FLOAT16)
-    if out_dtype == _FLOAT16 or x_dtype == _FLOAT16:
+    if out_dtype.itemsize == 2 and x_dtype != out_dtype:
+        casts.append(out_dtype)
+    if out_dtype == _FLOAT16 or (x_dtype == _FLOAT16 and not casts):
         casts.append(_FLOAT32)
     return tuple(casts)
 
 
 def cpu_input(x: np.ndarray, casts: tuple[np.dtype, ...]) -> np.ndarray:
-    """`x` after `casts` (see ``_cpu_casts``)."""
+    """`x` after `casts` (see ``_cpu_casts``), as the kernels read it
+    (``_dtypes.kernel_view``)."""
     if casts:
         with np.errstate(over="ignore"):  # too large for float16: inf
             for dtype in casts:
                 x = x.astype(dtype)
-    return x
+    return _dtypes.kernel_view(x)
 
 
 def cpu_target(out: np.ndarray, acc: np.dtype) -> np.ndarray:
     """The array a CPU kernel writes for `out`: `out` itself, or, when `out`
-    is float16 (which Numba cannot store on the CPU), an `acc` (float32)
-    array that ``cpu_store`` rounds into `out` afterwards."""
+    is float16 or bfloat16 (which the kernels compute in float32), an `acc`
+    (float32) array that ``cpu_store`` rounds into `out` afterwards."""
     if out.dtype == acc:
         return out
     return _dispatch.host_empty(out.shape, acc)
 
 
 def cpu_store(out: np.ndarray, target: np.ndarray) -> None:
-    if target is not out:
+    """Round the kernel's float32 `target` into `out` (see ``cpu_target``):
+    bfloat16 by ``cpu.bfloat16.narrow_into`` (3.5x ml_dtypes' cast here),
+    float16 by NumPy."""
+    if target is out:
+        return
+    if _dtypes.is_bfloat16(out.dtype) and out.flags.c_contiguous:
+        cpu_bfloat16.narrow_into(
+            target.reshape(-1), out.reshape(-1).view(_dtypes.BFLOAT16_BITS)
+        )
+    else:
         out[...] = target
 
 
@@ -284,7 +302,9 @@ def _forward_gpu(
     if plan.regime != "columns":
         x3, out3 = _rows(x3), _rows(out3, True)
     with a.call.on_device():
-        cuda_softmax.launch_forward(kind, x3, out3, plan, call.strategy, a.call.stream)
+        cuda_softmax.launch_forward(
+            kind, x3, out3, plan, call.strategy, a.call.stream, a.dtype, call.out_dtype
+        )
     return native
 
 
@@ -368,7 +388,7 @@ def logsumexp_plan(
 ) -> LogsumexpCall:
     fn = "softkern.logsumexp"
     _launch.check_strategy(strategy)
-    if dtype.name in FLOAT_NAMES:
+    if is_softmax_float(dtype):
         out_dtype = dtype
     elif dtype.kind in "biu":
         out_dtype = _FLOAT32
@@ -441,7 +461,9 @@ def _logsumexp_gpu(
             out2, (plan.outer,), out2.strides[:1], writeable=True
         )
     with a.call.on_device():
-        cuda_softmax.launch_logsumexp(x3, out2, plan, call.strategy, a.call.stream)
+        cuda_softmax.launch_logsumexp(
+            x3, out2, plan, call.strategy, a.call.stream, call.out_dtype
+        )
     return native
 
 
@@ -459,7 +481,8 @@ def backward_plan(
     fn = f"softkern.{kind}"
     _launch.check_strategy(strategy)
     for name, dtype in (("grad_output", g_dtype), ("output", y_dtype)):
-        _dispatch.check_dtype(dtype, FLOAT_TYPES, fn, name)
+        if not is_softmax_float(dtype):
+            raise TypeError(f"{fn}: {name} has dtype {dtype}; supported: {FLOATS_SAID}")
     if g_dtype != y_dtype:
         raise TypeError(
             f"{fn}: grad_output and output must have one dtype, got {g_dtype} "
@@ -528,7 +551,7 @@ def _backward_gpu(
         g3, y3, out3 = _rows(g3), _rows(y3), _rows(out3, True)
     with g.call.on_device():
         cuda_softmax.launch_backward(
-            kind, g3, y3, out3, plan, call.strategy, g.call.stream
+            kind, g3, y3, out3, plan, call.strategy, g.call.stream, g.dtype
         )
     return native
 

@@ -203,11 +203,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from numba import cuda
 
-    from softkern.cuda import activations, broadcast, copy, losses, reduce, softmax
+    from softkern.cuda import (
+        activations,
+        broadcast,
+        convert,
+        copy,
+        losses,
+        reduce,
+        softmax,
+    )
 
     cases = itertools.chain(
         reduce.ptx_cases(args.block),
         copy.ptx_cases(),
+        convert.ptx_cases(),
         softmax.ptx_cases(args.block),
         broadcast.ptx_cases(),
         losses.ptx_cases(args.block),

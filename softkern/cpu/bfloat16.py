@@ -51,7 +51,7 @@ def widen(bits):
     return _bits_as_float32(np.uint32(np.uint32(bits) << np.uint32(16)))
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)  # LLVM inlines it; Numba's inlining tripped an SSA check
 def narrow(value):
     """The bits of float32 `value` rounded to bfloat16, to nearest even.
 

@@ -927,7 +927,7 @@ def _cpu_loss_and_grad(
     """``cross_entropy_and_grad``'s fused CPU pass (class indices, rows)."""
     args = _host_args(p, x, t, w)
     scale = _index_scale(p, args, 1.0)
-    target = cpu_target(out, p.acc)
+    target = _row_grad_target(out, p)
     rows = p.view[0]
     losses = _dispatch.host_empty((rows,), np.float64)
     weights = _dispatch.host_empty((rows,), np.float64)
@@ -950,6 +950,15 @@ def _cpu_loss_and_grad(
     )
     cpu_store(out, target)
     return _loss_result(p, losses, total, count), out
+
+
+def _row_grad_target(out: np.ndarray, p: LossPlan) -> np.ndarray:
+    """What ``index_rows_grad`` writes for `out`: a bfloat16 gradient as its
+    bits (the kernel rounds each row from a float32 row of its own), else
+    ``cpu_target``'s array."""
+    if _dtypes.is_bfloat16(out.dtype):
+        return out.view(_dtypes.BFLOAT16_BITS)
+    return cpu_target(out, p.acc)
 
 
 def _backward_scale(p: LossPlan) -> float:
@@ -1002,6 +1011,8 @@ def _cpu_backward(
     scale = _index_scale(p, args, scale)
     common = (args.weight, p.ignore_index, p.smoothing, p.cap, p.zscale, grads, scale)
     if rows:
+        target = _row_grad_target(out, p)
+        out3 = target.reshape(p.view)
         cpu_losses.index_rows_grad(
             args.x3.reshape(outer, classes),
             args.target.reshape(-1),

@@ -123,8 +123,8 @@ def cpu_store(out: np.ndarray, target: np.ndarray) -> None:
     """Round the kernel's float32 `target` into `out` (see ``cpu_target``):
     bfloat16 by ``cpu.bfloat16.narrow_into`` (3.5x ml_dtypes' cast here),
     float16 by NumPy."""
-    if target is out:
-        return
+    if target is out or target.dtype == _dtypes.BFLOAT16_BITS:
+        return  # written in place (a bfloat16 out as its bits)
     if _dtypes.is_bfloat16(out.dtype) and out.flags.c_contiguous:
         cpu_bfloat16.narrow_into(
             target.reshape(-1), out.reshape(-1).view(_dtypes.BFLOAT16_BITS)

@@ -18,7 +18,9 @@ BFLOAT16_BITS = np.dtype(np.uint16)
 
 
 def is_bfloat16(dtype: np.dtype) -> bool:
-    return dtype.name == BFLOAT16 and dtype.kind == "V"
+    # kind first: a one-character attribute, where .name builds a string
+    # (this runs several times in every call)
+    return dtype.kind == "V" and dtype.name == BFLOAT16
 
 
 def is_float(dtype: np.dtype) -> bool:

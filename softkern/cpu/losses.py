@@ -141,7 +141,7 @@ def z_slope(zscale, top, shift):
 
 
 @njit(inline="always", cache=True)
-def tile_stats(xt, ot, store, fused, cap, lowest):
+def tile_stats(xt, ot, store, cap, lowest):
     """(max, rest) of the slice xt: rest = the sum of exp(x - max) less 1,
     summed without the elements equal to the max (each adds exactly 1): a
     confident prediction's loss is log(1 + rest) with rest tiny, which
@@ -149,10 +149,8 @@ def tile_stats(xt, ot, store, fused, cap, lowest):
     accumulator type, added in float64, as in the softmax. With `store`
     the exponentials go into ot too (the gradient's first sweep). With a
     `cap`, of the capped logits: tanh is increasing, so the max of the raw
-    logits, capped, is theirs. Unless `fused` (``fused_sum_is_safe``), a
-    stored tile is summed from ot in a loop of its own, where an exponential
-    of exactly 1 counts as a tie: the same total, in one order whatever the
-    arrays' addresses (see softkern.cpu.softmax.ALIAS_REACH)."""
+    logits, capped, is theirs. ``tile_stats_apart`` is the same with the
+    store and the sum in separate loops."""
     top = lowest
     for j in range(xt.shape[0]):
         top = maxnum(top, as_acc(xt[j], lowest))
@@ -164,23 +162,44 @@ def tile_stats(xt, ot, store, fused, cap, lowest):
         ob = ot[b0 : min(xt.shape[0], b0 + SUM_BLOCK)]
         part = as_acc(0, lowest)
         hits = as_acc(0, lowest)  # exact: a block has fewer than 2**24
-        if store and not fused:
-            for j in range(xb.shape[0]):
-                ob[j] = exp_nonpositive(capped(as_acc(xb[j], lowest), cap) - top)
-            for j in range(ob.shape[0]):
-                e = as_acc(ob[j], lowest)
-                hit = e == 1
-                part += as_acc(0, lowest) if hit else e
-                hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
-        else:
-            for j in range(xb.shape[0]):
-                v = capped(as_acc(xb[j], lowest), cap)
-                hit = v == top
-                e = exp_nonpositive(v - top)
-                if store:
-                    ob[j] = e
-                part += as_acc(0, lowest) if hit else e
-                hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
+        for j in range(xb.shape[0]):
+            v = capped(as_acc(xb[j], lowest), cap)
+            hit = v == top
+            e = exp_nonpositive(v - top)
+            if store:
+                ob[j] = e
+            part += as_acc(0, lowest) if hit else e
+            hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
+        rest += part
+        ties += hits
+    return top, rest + (ties - 1)
+
+
+@njit(inline="always", cache=True)
+def tile_stats_apart(xt, ot, cap, lowest):
+    """``tile_stats`` storing the exponentials into ot first and summing them
+    from ot in a loop that stores nothing, where an exponential of exactly 1
+    counts as a tie: one order whatever the arrays' addresses (see
+    softkern.cpu.softmax.ALIAS_REACH). Its own function: a branch between
+    the two inside tile_stats cost the fused loop 3x."""
+    top = lowest
+    for j in range(xt.shape[0]):
+        top = maxnum(top, as_acc(xt[j], lowest))
+    top = capped(top, cap)
+    rest = 0.0
+    ties = 0.0
+    for b0 in range(0, xt.shape[0], SUM_BLOCK):
+        xb = xt[b0 : min(xt.shape[0], b0 + SUM_BLOCK)]
+        ob = ot[b0 : min(xt.shape[0], b0 + SUM_BLOCK)]
+        part = as_acc(0, lowest)
+        hits = as_acc(0, lowest)
+        for j in range(xb.shape[0]):
+            ob[j] = exp_nonpositive(capped(as_acc(xb[j], lowest), cap) - top)
+        for j in range(ob.shape[0]):
+            e = as_acc(ob[j], lowest)
+            hit = e == 1
+            part += as_acc(0, lowest) if hit else e
+            hits += as_acc(1, lowest) if hit else as_acc(0, lowest)
         rest += part
         ties += hits
     return top, rest + (ties - 1)
@@ -208,9 +227,9 @@ def row_stats(x, r, cap, lowest):
     # Slices indexed from 0: indices Numba can see are never negative, so
     # no wraparound check keeps the loops from vectorising.
     xr = x[r]
-    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, True, cap, lowest)
+    top, rest = tile_stats(xr[: min(n, TILE)], xr, False, cap, lowest)
     for j0 in range(TILE, n, TILE):
-        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, True, cap, lowest)
+        m, part = tile_stats(xr[j0 : min(n, j0 + TILE)], xr, False, cap, lowest)
         top, rest = merge_stats(top, rest, m, part)
     return top, rest
 
@@ -438,9 +457,11 @@ def index_row_grad(
     top, rest = lowest, 0.0
     for k in range((n + TILE - 1) // TILE):
         ot = orow[k * TILE : min(n, (k + 1) * TILE)]
-        m, part = tile_stats(
-            xr[k * TILE : min(n, (k + 1) * TILE)], ot, True, fused, cap, lowest
-        )
+        xt = xr[k * TILE : min(n, (k + 1) * TILE)]
+        if fused:
+            m, part = tile_stats(xt, ot, True, cap, lowest)
+        else:
+            m, part = tile_stats_apart(xt, ot, cap, lowest)
         tile_top[k] = m
         top, rest = (m, part) if k == 0 else merge_stats(top, rest, m, part)
     w_t = np.float64(weight[t])

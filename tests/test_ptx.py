@@ -37,6 +37,11 @@ PTX_JOBS = pytest.StashKey[dict]()
 
 ROOT = Path(__file__).resolve().parents[1]
 CCS = ("8.0", "9.0")
+# Every kernel for cc 9.0; for cc 8.0 the default strategy's (and those
+# without a strategy): reduce=0/1 differ from 2 only in the block's fold,
+# which the 9.0 records check, and compiling all of them twice made the
+# wait for NVVM the longest part of the suite (184 s after the last test).
+CC_ARGS = {"8.0": ["--strategies", "2"], "9.0": []}
 TIMEOUT_S = 480
 # int32 sums accumulate in int64 and no int32 kernel has a reason to touch
 # floats at all (nor bool's and the small integers'), and float16 and
@@ -131,7 +136,7 @@ def start_compiles() -> dict[str, subprocess.Popen]:
     )
     return {
         cc: subprocess.Popen(
-            [sys.executable, "-m", "softkern.testing.ptx", "--cc", cc],
+            [sys.executable, "-m", "softkern.testing.ptx", "--cc", cc, *CC_ARGS[cc]],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -193,8 +198,10 @@ def test_every_kernel_compiles(compiled, cc):
     assert not failed, f"kernels that do not compile for cc {cc}:\n{failed}"
     names = [r["name"] for r in records]
     assert len(set(names)) == len(names), "kernel names repeat"
-    other = compiled[CCS[0]]
-    assert names == [r["name"] for r in other], "the ccs compiled different sets"
+    # cc 8.0 compiled exactly 9.0's kernels of the default strategy
+    every = [r["name"] for r in compiled["9.0"]]
+    default = [r["name"] for r in compiled["9.0"] if r["strategy"] in (None, 2)]
+    assert names == (every if cc == "9.0" else default), "unexpected kernel set"
 
 
 @pytest.mark.parametrize("cc", CCS)

@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-ptxas", action="store_true", help="skip the registers/spills facts"
     )
+    parser.add_argument(
+        "--strategies",
+        default="0,1,2",
+        help="compile only the kernels of these reduce= strategies (and those "
+        "without one), e.g. 2",
+    )
     args = parser.parse_args(argv)
     cc = tuple(int(p) for p in args.cc.split("."))
 
@@ -222,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         losses.ptx_cases(args.block),
         activations.ptx_cases(args.block),
     )
+    strategies = {int(k) for k in args.strategies.split(",")}
     for name, kernel, argtypes, dtype, strategy in cases:
+        if strategy is not None and strategy not in strategies:
+            continue
         record = {"name": name, "dtype": dtype, "strategy": strategy, "cc": args.cc}
         try:
             # the kernel's own launch bound, so ptxas budgets registers as

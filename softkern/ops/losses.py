@@ -974,7 +974,10 @@ def _cpu_backward(
     scale = _backward_scale(p)
     rows = p.plan.cpu_regime == "rows"
     outer, classes, _ = p.view
-    target = cpu_target(out, p.acc)
+    if p.kind == "index" and rows:
+        target = _row_grad_target(out, p)
+    else:
+        target = cpu_target(out, p.acc)
     out3 = target.reshape(p.view)
     if p.kind == "probs":
         if rows:
@@ -1011,8 +1014,6 @@ def _cpu_backward(
     scale = _index_scale(p, args, scale)
     common = (args.weight, p.ignore_index, p.smoothing, p.cap, p.zscale, grads, scale)
     if rows:
-        target = _row_grad_target(out, p)
-        out3 = target.reshape(p.view)
         cpu_losses.index_rows_grad(
             args.x3.reshape(outer, classes),
             args.target.reshape(-1),

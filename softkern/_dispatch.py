@@ -2,7 +2,7 @@
 plans cached per argument shape, and how results go back in the caller's kind.
 
 NumPy arrays, PyTorch CPU tensors (the public functions view them as NumPy
-arrays: see ``accepts_tensors``), NumPy and Python scalars and sequences run
+arrays: see ``public_function``), NumPy and Python scalars and sequences run
 on the CPU. Anything that exports ``__cuda_array_interface__`` (Numba device
 arrays, CuPy arrays, PyTorch CUDA tensors) and the CUDA simulator's device
 arrays run on the GPU. A GPU call returns the caller's kind of object (CuPy
@@ -36,7 +36,7 @@ from numba import cuda
 from softkern import _layout
 from softkern._dtypes import BFLOAT16_BITS, bfloat16, is_bfloat16
 
-Device = Literal["cpu", "cuda"]
+Device = Literal["cpu", "cuda", "dask"]
 
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 _CPU_TYPES = (np.ndarray, np.generic, int, float, bool, list, tuple)
@@ -44,7 +44,7 @@ ACCEPTED = (
     "NumPy arrays, PyTorch CPU tensors, Python or NumPy scalars and sequences "
     "(CPU); Numba device "
     "arrays, CuPy arrays, PyTorch CUDA tensors or any object with "
-    "__cuda_array_interface__ (GPU)"
+    "__cuda_array_interface__ (GPU); dask.array.Array (chunk by chunk)"
 )
 
 # --- plans cached per argument shape ---------------------------------------
@@ -124,15 +124,24 @@ def _holds(tensor: type, args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def accepts_tensors(fn: F) -> F:
-    """Let the public function `fn` take PyTorch tensors and return them.
+def _dask_module() -> Any:
+    module = sys.modules.get("softkern._dask")
+    if module is None:
+        from softkern import _dask as module
+    return module
 
-    A call holding no tensor costs one dict lookup more (torch not imported)
-    or a type check per argument. A call with one goes to
+
+def public_function(fn: F) -> F:
+    """Let the public function `fn` take PyTorch tensors and Dask arrays.
+
+    A call holding neither costs two dict lookups more (torch and dask not
+    imported) or a type check per argument. A call with a tensor goes to
     ``softkern._torch.call``: CPU tensors are viewed as NumPy arrays (no
     copy) and results come back as tensors of the same memory, and a tensor
     that requires grad, or a call under ``torch.compile``, goes through the
-    ``softkern::`` custom ops, which autograd and the compiler know.
+    ``softkern::`` custom ops, which autograd and the compiler know. A call
+    with a ``dask.array.Array`` goes to ``softkern._dask.call``, which
+    builds a lazy Dask array that runs our kernels chunk by chunk.
     """
     name = fn.__name__
 
@@ -141,6 +150,9 @@ def accepts_tensors(fn: F) -> F:
         torch = sys.modules.get("torch")
         if torch is not None and _holds(getattr(torch, "Tensor", ()), args, kwargs):
             return _torch_module().call(name, fn, args, kwargs)
+        dask_array = sys.modules.get("dask.array")
+        if dask_array is not None and _holds(dask_array.Array, args, kwargs):
+            return _dask_module().call(name, fn, args, kwargs)
         return fn(*args, **kwargs)
 
     return call  # type: ignore[return-value]
@@ -154,6 +166,10 @@ def _is_sim_array(obj: Any) -> bool:
     return isinstance(obj, FakeCUDAArray)
 
 
+def _is_dask(obj: Any) -> bool:
+    return _module_of(obj) == "dask" and hasattr(obj, "__dask_graph__")
+
+
 def _device_of_one(obj: Any) -> Device:
     if _is_torch(obj):
         return "cuda" if obj.is_cuda else "cpu"
@@ -161,14 +177,19 @@ def _device_of_one(obj: Any) -> Device:
         return "cuda"
     if isinstance(obj, _CPU_TYPES):
         return "cpu"
+    if _is_dask(obj):
+        return "dask"
     raise TypeError(f"softkern cannot use {type(obj).__name__}; accepted: {ACCEPTED}")
 
 
 def device_of(*arrays: Any) -> Device:
-    """Return "cpu" or "cuda": where the kernels for these arguments run.
+    """Return "cpu", "cuda" or "dask": where the kernels for these arguments
+    run ("dask": chunk by chunk, on the CPU or GPU as the chunks are).
 
-    Python scalars go with anything (``where(c, x, 0.0)``). Arrays on both
-    devices in one call are a TypeError naming both.
+    Python scalars go with anything (``where(c, x, 0.0)``), and NumPy and
+    CuPy arrays go with Dask arrays (Dask wraps them). Arrays on both
+    devices in one call, or a tensor with a Dask array, are a TypeError
+    naming both.
     """
     found: dict[Device, Any] = {}
     for a in arrays:
@@ -178,6 +199,14 @@ def device_of(*arrays: Any) -> Device:
         if isinstance(a, (int, float, bool)):
             continue
         found.setdefault(dev, a)
+    if "dask" in found:
+        for other in found.values():
+            if _is_torch(other):
+                raise TypeError(
+                    "softkern got a Dask array and a PyTorch tensor in one call; "
+                    "pass NumPy (or CuPy) arrays with Dask arrays"
+                )
+        return "dask"
     if len(found) == 2:
         cpu, gpu = found["cpu"], found["cuda"]
         raise TypeError(

@@ -174,6 +174,23 @@ def _softmax_family() -> Iterator[Call]:
         lambda: sk.softmax(ints, 1, dtype=np.float32),
     )
     yield Call("logsumexp", "logsumexp(x, dim=1) int64", lambda: sk.logsumexp(ints, 1))
+    for acc in ("float32", "float64"):  # the compute types
+        yield Call(
+            "softmax",
+            f"softmax over a dim split into Dask chunks (second pass) {acc}",
+            lambda acc=acc: _split_softmax_pass(_data(acc, (6, 40, 1), 3)),
+        )
+
+
+def _split_softmax_pass(x: np.ndarray) -> np.ndarray:
+    """The pass softkern._dask runs after merging a split dim's statistics
+    (the kernel itself: Dask is optional)."""
+    from softkern.cpu import softmax as cpu_softmax
+
+    lse = np.log(np.exp(x).sum(1))
+    out = np.empty_like(x)
+    cpu_softmax.from_logsumexp(x, lse, out, False, False)
+    return out
 
 
 def _losses() -> Iterator[Call]:

@@ -461,13 +461,34 @@ def columns_backward(g, y, out, strip, log, lowest, parallel):
 
 @njit(inline="always", cache=True)
 def row_logsumexp(x, out, r, lowest):
-    shift = row_max(x, r, lowest)
-    if np.isinf(shift):
-        shift = as_acc(0, lowest)
+    """log(sum(exp(x[r]))) a tile at a time, as ``row``: the tile's max and
+    its sum of exp(x - max) while it is in L1 (blocks in the accumulator
+    type, added in float64), the tiles merged by ``merge_sums``. A row whose
+    max is +inf is summed again shifted by 0 (+inf, or NaN with a NaN)."""
+    xr = x[r]
+    n = xr.shape[0]
+    top = lowest
     total = 0.0  # float64
-    for j in range(x.shape[1]):
-        total += exp(as_acc(x[r, j], lowest) - shift)
-    out[r] = as_acc(np.log(total), lowest) + shift
+    for k in range((n + TILE - 1) // TILE):
+        xt = xr[k * TILE : min(n, (k + 1) * TILE)]
+        m = lowest
+        for j in range(xt.size):
+            m = maxnum(m, as_acc(xt[j], lowest))
+        shift = m if m != lowest else as_acc(0, lowest)
+        tile_sum = 0.0
+        for j0 in range(0, xt.size, SUM_BLOCK):
+            xb = xt[j0 : min(xt.size, j0 + SUM_BLOCK)]
+            part = as_acc(0, lowest)
+            for j in range(xb.size):
+                part += exp_nonpositive(as_acc(xb[j], lowest) - shift)
+            tile_sum += part
+        top, total = merge_sums(top, total, m, tile_sum)
+    if top == np.inf:
+        total = 0.0
+        for j in range(n):
+            total += exp(as_acc(xr[j], lowest))
+        top = as_acc(0, lowest)
+    out[r] = as_acc(np.log(total) + top, lowest)
 
 
 @parallel_kernel(fastmath=FASTMATH)
@@ -511,3 +532,36 @@ def logsumexp_columns(x, out, strip, lowest, parallel):
         return
     for item in prange(outer * strips):
         column_strip_logsumexp(x, out, item, strips, strip, lowest)
+
+
+@njit(inline="always", cache=True)
+def slab_from_logsumexp(x, lse, out, o, log):
+    n, inner = x.shape[1], x.shape[2]
+    for k in range(n):
+        for i in range(inner):
+            top = lse[o, i]
+            shifted = x[o, k, i] - top
+            if not top < np.inf:  # +inf or NaN in the slice: NaN throughout
+                shifted = top - top
+            out[o, k, i] = shifted if log else exp(shifted)
+
+
+@parallel_kernel(fastmath=FASTMATH)
+def from_logsumexp(x, lse, out, log, parallel):
+    """softmax, exp(x - lse), or log_softmax, x - lse, of slices whose
+    log-sum-exp `lse` is already known: the second pass of a softmax whose
+    dim is split over several pieces (Dask chunks, ``softkern._dask``),
+    after their (max, sum) statistics merged into `lse`.
+
+    x and out are (outer, n, inner) in the accumulator type, lse (outer,
+    inner). As PyTorch's softmax: a slice holding +inf or NaN (lse +inf or
+    NaN) is NaN throughout, and a slice of -inf gets -inf - -inf = NaN.
+    One sweep, reading x once; the slabs of `outer` in parallel.
+    """
+    outer = x.shape[0]
+    if not parallel:
+        for o in range(outer):
+            slab_from_logsumexp(x, lse, out, o, log)
+        return
+    for o in prange(outer):
+        slab_from_logsumexp(x, lse, out, o, log)

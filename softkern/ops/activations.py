@@ -95,7 +95,7 @@ def _unary_gpu(name: str, x: Any, block: int | None) -> Any:
     return native
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def sigmoid(x: Any, *, block: int | None = None) -> Any:
     """1 / (1 + exp(-x)) elementwise, like ``torch.sigmoid``: computed from
     exp(-|x|), so it never overflows (sigmoid(-1000) is 0, not NaN). Integer
@@ -104,7 +104,7 @@ def sigmoid(x: Any, *, block: int | None = None) -> Any:
     return _unary("sigmoid", x, block)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def logsigmoid(x: Any, *, block: int | None = None) -> Any:
     """log(sigmoid(x)) elementwise, like ``torch.nn.functional.logsigmoid``,
     computed stably as min(x, 0) - log1p(exp(-|x|)): logsigmoid(-1000) is
@@ -126,7 +126,7 @@ def _host_generator() -> np.random.Generator:
     return _generators.generator
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def gumbel_softmax(
     logits: Any,
     tau: float = 1.0,

@@ -199,7 +199,7 @@ def expand_plan(
     return _broadcast_call(out_shape, dtype, ((shape, strides, dtype),), block, on_cpu)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def expand(x: Any, *sizes: Any, block: int | None = None) -> Any:
     """`x` broadcast to `sizes`, like ``torch.Tensor.expand``: -1 keeps a
     size, new dims only in front, only size-1 dims grow. `sizes` are ints or
@@ -297,7 +297,7 @@ def where_plan(
     return _broadcast_call(out_shape, dtype, tuple(arrays), block, on_cpu)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def where(condition: Any, x: Any, y: Any, *, block: int | None = None) -> Any:
     """`x` where `condition` is true, else `y`, like ``torch.where`` and
     ``np.where``: the three broadcast together (a ValueError names shapes

@@ -571,7 +571,7 @@ def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
     return native
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def cross_entropy(
     input: Any,
     target: Any,
@@ -633,7 +633,7 @@ def cross_entropy(
     return _cpu_forward(p, x, t, w)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def nll_loss(
     input: Any,
     target: Any,
@@ -731,7 +731,7 @@ def _device_float32(bits: Any, call: _dispatch.GpuCall) -> Any:
     return wide if len(shape) == 3 else wide.reshape(shape)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def cross_entropy_backward(
     input: Any,
     target: Any,
@@ -858,7 +858,7 @@ _NO_LOSSES = np.empty(0, np.float64)
 _ONE = read_only(np.ones(1, np.float64))
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def cross_entropy_and_grad(
     input: Any,
     target: Any,

@@ -207,7 +207,7 @@ def _reduce_gpu(
     return native
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def sum(
     x: Any,
     dim: Dim = None,
@@ -227,7 +227,7 @@ def sum(
     return _reduce("sum", x, dim, keepdim, reduce, block)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def amax(
     x: Any,
     dim: Dim = None,
@@ -241,7 +241,7 @@ def amax(
     return _reduce("amax", x, dim, keepdim, reduce, block)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def amin(
     x: Any,
     dim: Dim = None,
@@ -285,7 +285,7 @@ def dot_plan(
     return strategy, _launch.full_reduce_plan(x_shape[0], block), parallel
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def dot(x: Any, y: Any, *, reduce: int = 2, block: int | None = None) -> Any:
     """Dot product of two 1-D float vectors of one dtype, like ``torch.dot``.
 

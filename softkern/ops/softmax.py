@@ -324,7 +324,7 @@ def _gpu_out(
     return out, o.array
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def softmax(
     x: Any,
     dim: int | None = None,
@@ -353,7 +353,7 @@ def softmax(
     return _forward("softmax", x, dim, dtype, out, reduce, block)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def log_softmax(
     x: Any,
     dim: int | None = None,
@@ -404,7 +404,7 @@ def logsumexp_plan(
     return LogsumexpCall(dims, out_shape, call)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def logsumexp(
     x: Any,
     dim: int | Sequence[int],
@@ -556,7 +556,7 @@ def _backward_gpu(
     return native
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def softmax_backward(
     grad_output: Any,
     output: Any,
@@ -571,7 +571,7 @@ def softmax_backward(
     return _backward("softmax_backward", grad_output, output, dim, reduce, block)
 
 
-@_dispatch.accepts_tensors
+@_dispatch.public_function
 def log_softmax_backward(
     grad_output: Any,
     output: Any,

@@ -12,6 +12,11 @@ import secrets
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not ctypes.util.find_library("cuda"):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    # Every kernel the simulated suite runs is sanitized (racecheck,
+    # initcheck, memcheck, synccheck: softkern.testing.sanitizer); its
+    # block loop also yields the GIL, which made the GPU tests 5x faster.
+    os.environ.setdefault("SOFTKERN_SANITIZE", "1")
 
 import numpy as np
 import pytest
@@ -29,6 +34,7 @@ SIM_FILES = {
     "test_losses_gpu.py",
     "test_notebooks.py",  # each notebook ends with its kernels in the simulator
     "test_reduce_gpu.py",
+    "test_sanitizer.py",
     "test_softmax_gpu.py",
 }
 

@@ -284,6 +284,21 @@ def test_bad_targets_raise_index_error(fn):
 
 
 @pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
+def test_the_first_bad_target_is_named_as_on_the_cpu(fn):
+    # many threads meet bad targets at once; the message names the first
+    # in the target's order, as the CPU's does
+    x = np.zeros((2, 4, 40), np.float32)
+    t = np.zeros((2, 40), np.int64)
+    t[0, 30], t[1, 2], t[0, 31] = 9, -5, 11
+    with pytest.raises(IndexError) as cpu:
+        fn(x, t)
+    with pytest.raises(IndexError) as on_gpu:
+        fn(gpu(x), gpu(t), block=BLOCK)
+    assert str(on_gpu.value) == str(cpu.value)
+    assert "target 9 " in str(cpu.value)
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=lambda f: f.__name__)
 def test_errors_on_the_gpu(fn):
     x, t = np.zeros((3, 4), np.float32), np.array([0, 1, 3])
     d, dt = gpu(x), gpu(t)

@@ -24,8 +24,9 @@ each lse - v computed as (max - v) + log1p(rest).
 For reduction "sum"/"mean" no per-row loss is stored: each owner thread adds
 its rows' losses and weights, the block folds them into one partial per
 block, and ``finish_kernel`` (one block) folds the partials into the 0-d
-result on the device. A target outside [0, C) is recorded in `bad` (a flag
-and the value), never used as an index; the host raises after the launch.
+result on the device. A target outside [0, C) is never used as an index:
+its position is recorded in `bad` (the smallest such, by an atomic min, so
+the host raises after the launch naming the same target as the CPU).
 
 The backward pass reads x twice (statistics, then the gradient written as
 p_j a - b w_j minus the one-hot term), like the softmax stream regime.
@@ -275,9 +276,9 @@ def _stats(kind: str, regime: str, strategy: int, block: int, dtype):
 @functools.cache
 def _target_of(kind: str):
     """Device function: the class index of slice (o, c) as int64, -1 for an
-    ignored or a bad one (a bad one is also recorded in `bad`: a flag and
-    the value; racy between threads, but any bad value will do). -1 for
-    probability targets."""
+    ignored or a bad one (a bad one's position o * inner + c also goes into
+    bad[0] by atomic min: the first in the target's order, whichever thread
+    finds it first). -1 for probability targets."""
 
     if kind == "probs":
 
@@ -293,8 +294,9 @@ def _target_of(kind: str):
         if t == ignore_index:
             return int64(-1)
         if t < 0 or t >= n:
-            bad[0] = 1
-            bad[1] = t
+            # the first bad position in the target's order, as the CPU
+            # reports it (a plain store from every thread would race)
+            cuda.atomic.min(bad, 0, o * target.shape[1] + c)
             return int64(-1)
         return t
 
@@ -313,8 +315,9 @@ def forward_kernel(
     class indices of any integer dtype, or (outer, C, inner) probabilities;
     weight (C,); ignore_index; smoothing; cap (softcap, 0 for none) and
     zscale (the z-loss's scale) in the compute type; items (the plan's
-    work items); out; bad (2,) int64. `dtype` is the output dtype (float16
-    computes in float32; partials are in the compute dtype).
+    work items); out; bad (1,) int64, the first bad target's position.
+    `dtype` is the output dtype (float16 computes in float32; partials are
+    in the compute dtype).
 
     Launch config: ``SoftmaxPlan`` of (outer, C, inner) over dim 1:
     [grid, block].

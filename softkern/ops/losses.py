@@ -478,6 +478,9 @@ def _positions(t: _dispatch.Operand, shape: tuple[int, ...], class_dim: int) -> 
     return _dispatch.strided_view(flat, (outer, inner), (inner * step, step))
 
 
+NO_BAD_TARGET = np.iinfo(np.int64).max
+
+
 class _GpuScratch:
     """Device scratch of one GPU call: the bad-target record and small
     arrays, on the call's stream."""
@@ -486,7 +489,8 @@ class _GpuScratch:
         self.loss = loss
         self.call = loss.a.call
         self.stream = self.call.stream
-        self.bad = cuda.to_device(np.zeros(2, np.int64), stream=self.stream)
+        # the first bad target's position (kernels lower it by atomic min)
+        self.bad = cuda.to_device(np.array([NO_BAD_TARGET]), stream=self.stream)
 
     def small(self, values: Any, dtype: np.dtype) -> Any:
         return cuda.to_device(np.asarray(values, dtype).reshape(-1), stream=self.stream)
@@ -501,11 +505,13 @@ class _GpuScratch:
 
     def check(self) -> None:
         """Raise IndexError if a kernel met a bad target (waits for them)."""
-        bad = self.bad.copy_to_host(stream=self.stream)
+        position = int(self.bad.copy_to_host(stream=self.stream)[0])
         if self.stream:
             self.stream.synchronize()
-        if bad[0]:
-            _raise_bad_target(self.loss.p, bad[1])
+        if position != NO_BAD_TARGET:
+            targets = self.loss.target3  # (outer, inner)
+            inner = targets.shape[1]
+            _raise_bad_target(self.loss.p, targets[position // inner, position % inner])
 
 
 def _gpu_losses(loss: _Loss, launch: Any, grid: int, strategy: int) -> Any:

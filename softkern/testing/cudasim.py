@@ -32,6 +32,10 @@ What is undefined on a GPU is an error here, because there it yields garbage
 instead of failing: a mask that leaves out the calling lane or names lanes the
 block does not have, and a shuffle that reads a lane outside its mask.
 
+:func:`install` also installs the sanitizer of ``softkern.testing.sanitizer``
+(``SOFTKERN_SANITIZE=1`` or ``with sanitize():``): racecheck, initcheck,
+memcheck and synccheck for kernels run here, raising :class:`SanitizerError`.
+
 The simulator evaluates ``cuda.fma(a, b, c)`` as ``a * b + c``, which rounds
 twice and differs from ``fma.rn`` in exactly the cases where kernels use fma on
 purpose (compensated sums, error-free products). The replacement computes the
@@ -52,14 +56,19 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from softkern.testing import sanitizer
+from softkern.testing.sanitizer import SanitizerError, sanitize
+
 __all__ = [
     "FULL_MASK",
     "TIMEOUT",
     "WARP_SIZE",
+    "SanitizerError",
     "WarpSyncError",
     "fma",
     "install",
     "is_installed",
+    "sanitize",
 ]
 
 WARP_SIZE = 32
@@ -251,6 +260,8 @@ def _arrive(caller: _Caller, value: Any) -> _Round:
             del warp.open[key]
             for lane in round_.values:
                 del warp.waiting[lane]
+            if sanitizer.enabled():  # the lanes are ordered from here on
+                sanitizer.warp_round(caller.thread._manager, warp.index, round_.values)
             round_.done = True
             warp.cond.notify_all()
         else:
@@ -593,6 +604,8 @@ def _patch_block_thread(block_thread: type) -> None:
 
     def syncthreads(self: Any) -> None:
         self._softkern_syncs += 1
+        if sanitizer.enabled():
+            sanitizer.barrier(self)
         original_syncthreads(self)
 
     block_thread.__init__ = __init__
@@ -615,6 +628,7 @@ def install() -> None:
         _patch_block_thread(kernel.BlockThread)
         for name, method in _METHODS.items():
             setattr(kernelapi.FakeCUDAModule, name, method)
+        sanitizer.install()
         _installed = True
 
 

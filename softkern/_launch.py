@@ -139,6 +139,10 @@ class DimReducePlan:
     r of the group taking elements r, r + group, ... of the row. Short rows get
     small groups, so a warp can fold several rows at once.
 
+    regime "split" (inner == 1, few long rows: ``split_row_grid``): each
+    row is a ``FullReducePlan`` of `grid` blocks (``row_plan``), launched
+    row after row.
+
     regime "columns" (inner > 1): the block is a tile of 32 columns by
     `lanes` = block / 32 threads along n; thread (c, r) folds elements
     r, r + lanes, ... of column c, so that a warp reads 32 neighbouring
@@ -165,10 +169,41 @@ class DimReducePlan:
     def rows_per_block(self) -> int:
         return self.block // self.group
 
+    @property
+    def row_plan(self) -> FullReducePlan:
+        """Each row's two launches in the split regime."""
+        return FullReducePlan(n=self.n, block=self.block, grid=self.grid)
+
+
+# Few long rows: the rows regime folds each row in one group of one block,
+# so a sum over dim 1 of a (2, 10**8) array would keep two SMs busy. At most
+# SPLIT_MAX_ROWS rows of at least SPLIT_MIN_ROW elements take the "split"
+# regime instead: each row is a full reduction of its own (FullReducePlan: a
+# grid of blocks writes partials to a small device buffer, then one block
+# folds them into the row's result, on the device), the rows sharing about
+# two waves of blocks of a GPU of PLAN_SMS SMs. PLAN_SMS is fixed (an
+# H100's or H200's 132), not read from the device, so that the summation
+# order, which the CPU replays, never depends on the GPU (as MAX_GRID).
+# Tests lower the limits to reach the regime in the simulator.
+SPLIT_MIN_ROW = 1 << 16
+SPLIT_MAX_ROWS = 8
+PLAN_SMS = 132
+
+
+def split_row_grid(outer: int, n: int, block: int) -> int:
+    """Blocks per row of the split regime, or 0 where rows stay whole."""
+    if not (0 < outer <= SPLIT_MAX_ROWS and n >= SPLIT_MIN_ROW):
+        return 0
+    grid = min(cdiv(n, block), cdiv(2 * PLAN_SMS, outer), MAX_GRID)
+    return grid if grid > 1 else 0
+
 
 def dim_reduce_plan(
     outer: int, n: int, inner: int, block: int = DEFAULT_BLOCK
 ) -> DimReducePlan:
+    split = split_row_grid(outer, n, block) if inner == 1 else 0
+    if split:
+        return DimReducePlan(outer, n, inner, block, "split", block, outer, split)
     if inner == 1:
         group = min(block, next_pow2(n))
         items = cdiv(outer, block // group)

@@ -78,6 +78,10 @@ def test_full_plan_grid_depends_only_on_size():
         ((1000, 1, 1), "rows", 1),  # rows of one element: 256 rows per block
         ((10, 5, 1), "rows", 8),  # short rows: 32 rows per 256-thread block
         ((10, 1025, 1), "rows", 256),  # block-per-row
+        ((9, 2**16, 1), "rows", 256),  # long rows, but enough of them
+        ((8, 2**16 - 1, 1), "rows", 256),  # few rows, but short
+        ((8, 2**16, 1), "split", 256),  # few long rows: 33 blocks a row
+        ((1, 10**8, 1), "split", 256),  # one row: 264 blocks
         ((3, 7, 2), "columns", 8),  # 32-column tiles, 8 threads along n
     ],
 )
@@ -85,6 +89,9 @@ def test_dim_plan_regimes(shape, regime, group):
     plan = _launch.dim_reduce_plan(*shape, 256)
     assert (plan.regime, plan.group) == (regime, group)
     assert 1 <= plan.grid <= _launch.MAX_GRID
+    if regime == "split":  # about two waves of the plan's SMs in all
+        total = plan.grid * shape[0]
+        assert 2 * _launch.PLAN_SMS <= total < 2 * _launch.PLAN_SMS + shape[0]
 
 
 def test_block_and_strategy_checks():

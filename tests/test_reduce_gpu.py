@@ -89,6 +89,40 @@ def test_dim_reductions_bitwise_equal_to_cpu(rng, shape, dim, strategy):
         assert np.allclose(cpu, EXACT[op](x, dim), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("op", "strategy"),
+    [("sum", 0), ("sum", 1), ("sum", 2), ("amax", 2), ("amin", 1)],
+)
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [
+        ((3, 1000), 1),  # split: 3 rows, each a full reduction of 4 blocks
+        ((2, 2, 700), -1),  # split: 4 rows of the (outer, n) view
+        ((1, 5000), 1),  # split: one row, grid-stride within its blocks
+    ],
+)
+def test_few_long_rows_split_bitwise_equal_to_cpu(
+    rng, monkeypatch, shape, dim, op, strategy
+):
+    monkeypatch.setattr(_launch, "SPLIT_MIN_ROW", 512)
+    monkeypatch.setattr(_launch, "PLAN_SMS", 4)
+    plan = sk.ops.reduce.reduce_plan(
+        op, shape, np.dtype(np.float32), dim, False, strategy, SMALL
+    )
+    assert plan.kind == "split" and plan.launch.grid > 1
+    x = rng.standard_normal(shape).astype(np.float32)
+    cpu = getattr(sk, op)(x, dim, reduce=strategy, block=SMALL)
+    gpu = to_host(getattr(sk, op)(to_gpu(x), dim, reduce=strategy, block=SMALL))
+    np.testing.assert_array_equal(gpu, cpu)
+    exact = EXACT[op](x, dim)
+    np.testing.assert_allclose(cpu, exact, rtol=1e-5, atol=1e-4)
+    ints = rng.integers(-1000, 1000, shape).astype(np.int32)
+    assert (
+        to_host(getattr(sk, op)(to_gpu(ints), dim, reduce=strategy, block=SMALL))
+        == EXACT[op](ints, dim)
+    ).all()
+
+
 def test_int_reductions_on_gpu(rng):
     x = rng.integers(-50, 50, size=(6, 37), dtype=np.int32)
     dx = to_gpu(x)

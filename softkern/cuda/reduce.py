@@ -444,6 +444,22 @@ def launch_dot(x, y, out, plan, strategy, stream, empty):
     )
 
 
+def launch_split(op, x, out, plan, strategy, stream, empty, dtype):
+    """Reduce each row of a (rows, n) view into out[row] as a full reduction
+    of its own (``DimReducePlan`` regime "split": few long rows): two
+    launches per row, the row's partials in a scratch of `plan.grid` values.
+
+    Launch config: ``plan.row_plan`` per row, `plan.grid` blocks of
+    `plan.block` threads, then one block; at most ``_launch.SPLIT_MAX_ROWS``
+    rows, so at most 16 launches.
+    """
+    for row in range(x.shape[0]):
+        launch_full(
+            op, x[row], out[row : row + 1], plan.row_plan, strategy, stream, empty,
+            dtype,
+        )  # fmt: skip
+
+
 def launch_dim(op, x, out, plan, strategy, stream, dtype):
     """Reduce a (rows, n) view into out[rows], or (outer, n, inner) into
     out[outer, inner], as ``DimReducePlan`` says; x holds `dtype` elements

@@ -87,7 +87,7 @@ def reduce_plan(
         outer, n, inner = _layout.around_sizes(shape, dims)
         launch = _launch.dim_reduce_plan(outer, n, inner, block)
         kind = launch.regime
-        view = (outer, n) if kind == "rows" else (outer, n, inner)
+        view = (outer, n) if kind in ("rows", "split") else (outer, n, inner)
     parallel = _launch.cpu_parallel(size * dtype.itemsize)
     result = cuda_reduce.result_dtype(op, dtype)
     return ReducePlan(
@@ -127,7 +127,19 @@ def _reduce(
     if plan.kind == "empty":
         return _as_result(out, plan)
     xv = _dtypes.kernel_view(_dispatch.three_d(host, plan.dims, plan.view))
-    if plan.kind == "rows":
+    if plan.kind == "split":  # each row the GPU's full reduction, replayed
+        flat = out.reshape(-1)
+        for r in range(xv.shape[0]):
+            flat[r] = cpu_reduce.full_reduce_kernel(
+                kernel_op,
+                xv[r],
+                launch.grid,
+                launch.block,
+                plan.strategy,
+                plan.start,
+                plan.parallel,
+            )
+    elif plan.kind == "rows":
         cpu_reduce.rows_kernel(
             kernel_op,
             xv,
@@ -192,6 +204,18 @@ def _reduce_gpu(
             return native
         x3 = a.around(plan.dims)
         outer, n, inner = x3.shape
+        if plan.kind == "split":
+            cuda_reduce.launch_split(
+                op,
+                _dispatch.strided_view(x3, (outer, n), x3.strides[:2]),
+                _flat(out),
+                plan.launch,
+                plan.strategy,
+                stream,
+                lambda s, d: a.empty(s, d)[1],
+                a.dtype,
+            )
+            return native
         if plan.kind == "rows":
             kx = _dispatch.strided_view(x3, (outer, n), x3.strides[:2])
             kout = _flat(out)

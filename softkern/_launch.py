@@ -267,6 +267,12 @@ class SoftmaxPlan:
       (online max and sum, then normalise); `items` = rows.
     - "columns": inner > 1: tiles of 32 columns by block / 32 threads along
       n; `items` = outer * ceil(inner / 32) tiles.
+    - "split" (forward passes and logsumexp, asked for with `split`): at
+      most SPLIT_MAX_ROWS rows of at least SPLIT_MIN_SOFTMAX_ROW elements.
+      Each row is cut into `segments` pieces, a block per piece writing its
+      (max, sum of exp) to a small device buffer; one block per row merges
+      them into the row's log-sum-exp; softmax then writes exp(x - lse) (or
+      x - lse) in a grid-stride pass. `items` = outer * segments.
 
     Blocks walk `items` with a grid-stride loop over `grid` blocks.
     CPU `cpu_regime`: "rows" (inner == 1: one row per task, rows in parallel)
@@ -286,13 +292,26 @@ class SoftmaxPlan:
     grid: int
     cpu_regime: str
     cpu_strip: int
+    segments: int = 0
+
+
+# softmax, log_softmax and logsumexp rows of at least this many elements, at
+# most SPLIT_MAX_ROWS of them, take the "split" regime (see SoftmaxPlan): a
+# block per row would keep a handful of SMs busy. Tests lower it.
+SPLIT_MIN_SOFTMAX_ROW = 1 << 20
 
 
 def softmax_plan(
-    shape: tuple[int, ...], dim: int, dtype, block: int | None = None
+    shape: tuple[int, ...],
+    dim: int,
+    dtype,
+    block: int | None = None,
+    split: bool = False,
 ) -> SoftmaxPlan:
     """The plan for softmax (and log_softmax, and their backward passes) of
-    an array of `shape` and output `dtype` over `dim` (may be negative)."""
+    an array of `shape` and output `dtype` over `dim` (may be negative).
+    `split`: few long rows may take the "split" regime (only the forward
+    passes and logsumexp have its kernels)."""
     shape = tuple(int(s) for s in shape)
     block = check_block(block)
     if block > SOFTMAX_MAX_BLOCK:
@@ -317,6 +336,10 @@ def softmax_plan(
     elif inner == 1:
         regime = "shared" if n <= cache else "stream"
         items = outer
+        if split and 0 < outer <= SPLIT_MAX_ROWS and n >= SPLIT_MIN_SOFTMAX_ROW:
+            segments = min(cdiv(n, block), cdiv(2 * PLAN_SMS, outer), MAX_GRID)
+            if segments > 1:
+                regime, items = "split", outer * segments
     else:
         regime = "columns"
         items = outer * cdiv(inner, WARP)
@@ -337,6 +360,7 @@ def softmax_plan(
         grid=grid,
         cpu_regime="rows" if inner == 1 else "columns",
         cpu_strip=strip,
+        segments=items // outer if regime == "split" else 0,
     )
 
 

@@ -102,3 +102,19 @@ def test_block_and_strategy_checks():
     for bad in (3, -1, "2", None, True):
         with pytest.raises(ValueError, match="reduce"):
             _launch.check_strategy(bad)
+
+
+@pytest.mark.parametrize(
+    ("shape", "split", "regime", "segments"),
+    [
+        ((8, 2**20), True, "split", 33),  # few long rows: 33 blocks a row
+        ((1, 10**7), True, "split", 264),  # one row: two waves of 132 SMs
+        ((9, 2**20), True, "stream", 0),  # enough rows for the SMs
+        ((8, 2**20 - 1), True, "stream", 0),  # rows too short to split
+        ((8, 2**20), False, "stream", 0),  # backward passes and losses
+    ],
+)
+def test_softmax_split_regime(shape, split, regime, segments):
+    plan = _launch.softmax_plan(shape, 1, np.float32, 256, split=split)
+    assert (plan.regime, plan.segments) == (regime, segments)
+    assert plan.items == (shape[0] * segments if segments else shape[0])

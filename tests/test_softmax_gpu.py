@@ -107,6 +107,59 @@ def test_special_values_every_row_regime(width):
     assert np.isnan(sk.softmax(x, 1)[1:4]).all()
 
 
+@pytest.fixture
+def split_regime(monkeypatch):
+    """Rows of 256 elements and more, at most 8 of them, split into segments
+    of a 4-SM plan's two waves, so a few hundred elements reach it."""
+    if SIMULATOR:
+        monkeypatch.setattr(_launch, "SPLIT_MIN_SOFTMAX_ROW", 256)
+        monkeypatch.setattr(_launch, "PLAN_SMS", 4)
+
+
+@pytest.mark.usefixtures("split_regime")
+@pytest.mark.parametrize(
+    ("shape", "dim", "strategy"),
+    [
+        (small((3, 700), (4, 2**22)), 1, 0),  # 3 rows, 3 segments each
+        (small((3, 700), (4, 2**22)), 1, 1),
+        (small((3, 700), (4, 2**22)), 1, 2),
+        (small((1, 2000), (1, 10**7)), -1, 2),  # one row, 8 segments
+        (small((2, 2, 300), (2, 2, 2**21)), 2, 1),  # 4 rows of a 3-D array
+    ],
+)
+def test_few_long_rows_split(rng, shape, dim, strategy):
+    assert sk.softmax_plan(shape, dim, np.float32, BLOCK).regime == "split"
+    x = (rng.standard_normal(shape) * 20).astype(np.float32)
+    d = to_gpu(x)
+    check_softmax(
+        to_host(sk.softmax(d, dim, reduce=strategy, block=BLOCK)), x, dim, np.float32
+    )
+    ly = sk.log_softmax(d, dim, reduce=strategy, block=BLOCK)
+    check_log_softmax(to_host(ly), x, dim, np.float32)
+    lse = to_host(sk.logsumexp(d, dim, reduce=strategy, block=BLOCK))
+    np.testing.assert_allclose(lse, special.logsumexp(x.astype(np.float64), dim), 1e-6)
+    np.testing.assert_array_equal(to_host(d), x)
+
+
+@pytest.mark.usefixtures("split_regime")
+def test_split_special_values_and_dtypes():
+    # a row per pattern, repeated so that every segment meets its value; a
+    # row of -inf only in its first segment
+    rows = [np.resize(row, 600) for row in SPECIAL_ROWS]
+    rows.append(np.concatenate([np.full(300, -np.inf), np.ones(300)]))
+    x = np.array(rows, np.float64)
+    assert sk.softmax_plan(x.shape, 1, np.float64, BLOCK).regime == "split"
+    with np.errstate(invalid="ignore"):
+        for fn in (sk.softmax, sk.log_softmax):
+            got = to_host(fn(to_gpu(x), 1, block=BLOCK))
+            np.testing.assert_allclose(got, fn(x, 1), rtol=1e-12, atol=1e-300)
+        lse = to_host(sk.logsumexp(to_gpu(x), 1, block=BLOCK))
+        np.testing.assert_allclose(lse, sk.logsumexp(x, 1), rtol=1e-12)
+        half = x.astype(np.float16)  # computed in float32, rounded once
+        got = to_host(sk.softmax(to_gpu(half), 1, block=BLOCK))
+        np.testing.assert_allclose(got, sk.softmax(half, 1), rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.usefixtures("small_regimes")
 def test_nan_seen_by_only_some_threads_poisons_the_slice():
     # columns: with 64 threads a block, two threads share each column, and

@@ -38,7 +38,7 @@ from numba import config, cuda, float32, int64
 from numba.np.numpy_support import from_dtype
 
 from softkern._dtypes import dtype_named, is_bfloat16
-from softkern._launch import WARP, softmax_acc_dtype
+from softkern._launch import MAX_GRID, WARP, softmax_acc_dtype
 from softkern.cuda.convert import (
     kernel_dtype,
     loader,
@@ -620,6 +620,182 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
     return logsumexp_columns
 
 
+# --- few long rows: the "split" regime -----------------------------------------
+
+
+@functools.cache
+def shift_of(dtype):
+    """Device function: the shift of a slice's exponentials, its max, or 0
+    when the max is infinite (+inf then sums to inf, a slice of -inf to 0:
+    logsumexp's convention); NaN stays NaN. Constants of `dtype`, so that a
+    float32 kernel compares in float32."""
+    zero = np.dtype(dtype).type(0)
+    inf = np.dtype(dtype).type(np.inf)
+
+    @cuda.jit(device=True, inline=True)
+    def shift(top):
+        return zero if (top == inf) | (top == -inf) else top
+
+    return shift
+
+
+@functools.cache
+def split_partials_kernel(
+    strategy: int, block: int, out_dtype, x_dtype=None, cast=True
+):
+    """Stage 1 of the split regime: a block per segment of a row, each
+    writing its segment's max and its sum of exp(x - shift) (``_shift_of``)
+    into tops[row, segment] and sums[row, segment]. Two reads of the
+    segment (max, then sum), while it is in L2.
+
+    Loads as the forward kernels (`cast`: x rounded to the output dtype
+    first, as dtype= asks; `x_dtype` bfloat16: x holds its bits) or as
+    logsumexp's (`cast` False).
+
+    Launch config: ``SoftmaxPlan`` "split": [plan.grid, plan.block], items
+    = rows * segments walked grid-stride; x (rows, n); tops, sums (rows,
+    segments) of the accumulator type.
+    """
+    _, _, acc_dt = _types(out_dtype)
+    if cast:
+        load = _input_loader(x_dtype, out_dtype)
+    else:
+        load = loader(np.dtype(out_dtype), acc_dt)
+    fold_max = group_reducer("amax", strategy, block, 1, block, acc_dt)
+    fold_sum = group_reducer("sum", strategy, block, 1, block, acc_dt)
+    broadcast = group_broadcaster(block, 1, block, acc_dt)
+    zero = acc_dt.type(0)
+    neg_inf = acc_dt.type(-np.inf)
+    _shift_of = shift_of(acc_dt)
+
+    @bounded_kernel(block)
+    def split_partials(x, tops, sums):
+        tid = cuda.threadIdx.x
+        rows, n = x.shape
+        segments = tops.shape[1]
+        width = (n + segments - 1) // segments
+        item = int64(cuda.blockIdx.x)
+        while item < rows * segments:  # uniform over the block
+            row = item // segments
+            segment = item - row * segments
+            lo = segment * width
+            hi = min(n, lo + width)
+            top = neg_inf
+            j = lo + tid
+            while j < hi:
+                top = maximum(top, load(x[row, j]))
+                j += block
+            top = broadcast(fold_max(top))
+            shift = _shift_of(top)
+            total = zero
+            j = lo + tid
+            while j < hi:
+                total += math.exp(load(x[row, j]) - shift)
+                j += block
+            total = fold_sum(total)
+            if tid == 0:
+                tops[row, segment] = top
+                sums[row, segment] = total
+            item += cuda.gridDim.x
+
+    return split_partials
+
+
+@functools.cache
+def split_merge_kernel(strategy: int, block: int, out_dtype, pair: bool = False):
+    """Stage 2 of the split regime: one block per row merges the segments'
+    (max, sum) pairs into the row's shift (its max, or 0 when infinite) and
+    S = sum of sums[s] * exp(shift_s - shift), shift_s each segment's
+    (``shift_of``); a segment of -inf only (sum 0) adds nothing, so that
+    0 * exp(huge) never makes a NaN. Writes out[row] = log(S) + shift
+    (logsumexp), or with `pair` out[row, 0] = shift and out[row, 1] = S for
+    softmax's third stage, which then scales exactly as the one-block
+    regimes do.
+
+    Launch config: [min(rows, MAX_GRID), plan.block], rows walked
+    grid-stride; tops, sums (rows, segments) of the accumulator type; out
+    (rows,) of `out_dtype`, or (rows, 2) of the accumulator type (`pair`).
+    """
+    _, out_type, acc_dt = _types(out_dtype)
+    fold_max = group_reducer("amax", strategy, block, 1, block, acc_dt)
+    fold_sum = group_reducer("sum", strategy, block, 1, block, acc_dt)
+    broadcast = group_broadcaster(block, 1, block, acc_dt)
+    safe_log = log_of(acc_dt)
+    zero = acc_dt.type(0)
+    neg_inf = acc_dt.type(-np.inf)
+    _shift_of = shift_of(acc_dt)
+
+    @bounded_kernel(block)
+    def split_merge(tops, sums, out):
+        tid = cuda.threadIdx.x
+        rows, segments = tops.shape
+        row = int64(cuda.blockIdx.x)
+        while row < rows:  # uniform over the block
+            top = neg_inf
+            s = tid
+            while s < segments:
+                top = maximum(top, tops[row, s])
+                s += block
+            shift = _shift_of(broadcast(fold_max(top)))
+            total = zero
+            s = tid
+            while s < segments:
+                part = sums[row, s]
+                if part != zero:
+                    total += part * math.exp(_shift_of(tops[row, s]) - shift)
+                s += block
+            total = fold_sum(total)
+            if tid == 0:
+                if pair:
+                    out[row, 0] = shift
+                    out[row, 1] = total
+                else:
+                    out[row] = out_type(safe_log(total) + shift)
+            row += cuda.gridDim.x
+
+    return split_merge
+
+
+@functools.cache
+def split_apply_kernel(kind: str, block: int, out_dtype, x_dtype=None):
+    """Stage 3 of the split regime: softmax exp(x - shift) / S, log_softmax
+    (x - shift) - log(S), from the row's (shift, S) of stage 2 (as the
+    one-block regimes finish, so the error is theirs). S is +inf or NaN
+    exactly when the row holds +inf or NaN: the row is then NaN throughout,
+    as PyTorch's; a row of -inf gets 0 / 0 = NaN too.
+
+    Launch config: [plan.grid, plan.block], one thread per element,
+    grid-stride; x, out (rows, n); stats (rows, 2) of the accumulator type.
+    """
+    load = _input_loader(x_dtype, out_dtype)
+    _, out_type, acc_dt = _types(out_dtype)
+    one = acc_dt.type(1)
+    inf = acc_dt.type(np.inf)
+    safe_log = log_of(acc_dt)
+    log = kind == "log_softmax"
+
+    @bounded_kernel(block)
+    def split_apply(x, stats, out):
+        rows, n = x.shape
+        stride = int64(cuda.gridDim.x) * block
+        i = int64(cuda.blockIdx.x) * block + cuda.threadIdx.x
+        while i < rows * n:
+            row = i // n
+            j = i - row * n
+            shift = stats[row, 0]
+            total = stats[row, 1]
+            v = load(x[row, j]) - shift
+            if not total < inf:  # +inf or NaN in the row
+                v = total - total
+            if log:
+                out[row, j] = out_type(v - safe_log(total))
+            else:
+                out[row, j] = out_type(math.exp(v) * (one / total))
+            i += stride
+
+    return split_apply
+
+
 # --- host launchers ----------------------------------------------------------
 
 
@@ -643,6 +819,49 @@ def launch_forward(kind, x, out, plan, strategy, stream, x_dtype, out_dtype):
 def launch_logsumexp(x, out, plan, strategy, stream, out_dtype):
     kernel = logsumexp_kernel(plan.regime, strategy, plan.block, np.dtype(out_dtype))
     kernel[plan.grid, plan.block, stream](x, out)
+
+
+def _bfloat16_or_none(x_dtype):
+    return np.dtype(x_dtype) if is_bfloat16(np.dtype(x_dtype)) else None
+
+
+def launch_split_logsumexp(x, out, plan, strategy, stream, out_dtype, empty):
+    """logsumexp of few long rows (regime "split"): stages 1 and 2, the
+    segments' pairs in two (rows, segments) scratch arrays from `empty`."""
+    out_dtype = np.dtype(out_dtype)
+    acc = softmax_acc_dtype(out_dtype)
+    tops = empty((plan.outer, plan.segments), acc)
+    sums = empty((plan.outer, plan.segments), acc)
+    split_partials_kernel(strategy, plan.block, out_dtype, None, False)[
+        plan.grid, plan.block, stream
+    ](x, tops, sums)
+    split_merge_kernel(strategy, plan.block, out_dtype)[
+        min(plan.outer, MAX_GRID), plan.block, stream
+    ](tops, sums, out)
+
+
+def launch_split_forward(
+    kind, x, out, plan, strategy, stream, x_dtype, out_dtype, empty
+):
+    """softmax/log_softmax of few long rows (regime "split"): each row's
+    shift and sum of exponentials in the accumulator type (stages 1 and 2),
+    then stage 3 writes the output: x is read three times (twice in stage 1,
+    a segment at a time while it is in L2), each pass over all SMs."""
+    out_dtype = np.dtype(out_dtype)
+    acc = softmax_acc_dtype(out_dtype)
+    x_bits = _bfloat16_or_none(x_dtype)
+    tops = empty((plan.outer, plan.segments), acc)
+    sums = empty((plan.outer, plan.segments), acc)
+    stats = empty((plan.outer, 2), acc)
+    split_partials_kernel(strategy, plan.block, out_dtype, x_bits, True)[
+        plan.grid, plan.block, stream
+    ](x, tops, sums)
+    split_merge_kernel(strategy, plan.block, acc, True)[
+        min(plan.outer, MAX_GRID), plan.block, stream
+    ](tops, sums, stats)
+    split_apply_kernel(kind, plan.block, out_dtype, x_bits)[
+        plan.grid, plan.block, stream
+    ](x, stats, out)
 
 
 def launch_backward(kind, g, y, out, plan, strategy, stream, dtype):
@@ -746,6 +965,39 @@ def ptx_cases(block: int = 256):
                 name,
                 strategy,
             )
+            a = from_dtype(softmax_acc_dtype(dtype))
+            pairs = (a[:, ::1], a[:, ::1])
+            for forward in (True, False):
+                yield (
+                    f"split/partials/{'forward' if forward else 'logsumexp'}/"
+                    f"{name}/r{strategy}",
+                    split_partials_kernel(strategy, block, dtype, x_dtype, forward),
+                    (t[:, :], *pairs),
+                    name,
+                    strategy,
+                )
+            yield (
+                f"split/merge/logsumexp/{name}/r{strategy}",
+                split_merge_kernel(strategy, block, dtype),
+                (*pairs, t[::1]),
+                name,
+                strategy,
+            )
+            yield (
+                f"split/merge/forward/{name}/r{strategy}",
+                split_merge_kernel(strategy, block, softmax_acc_dtype(dtype), True),
+                (*pairs, a[:, ::1]),
+                name,
+                strategy,
+            )
+            for kind in FORWARD if strategy == 2 else ():  # no folds in it
+                yield (
+                    f"split/apply/{kind}/{name}",
+                    split_apply_kernel(kind, block, dtype, x_dtype),
+                    (t[:, :], a[:, ::1], t[:, ::1]),
+                    name,
+                    strategy,
+                )
             for kind in BACKWARD:
                 for regime in ("warp", "stream"):
                     yield (

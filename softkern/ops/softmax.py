@@ -187,7 +187,7 @@ def forward_plan(
     fn = f"softkern.{kind}"
     _launch.check_strategy(strategy)
     out_dtype = _out_dtype(x_dtype, dtype, fn)
-    plan = _launch.softmax_plan(shape, dim, out_dtype, block)
+    plan = _launch.softmax_plan(shape, dim, out_dtype, block, split=True)
     return _softmax_call(plan, strategy, x_dtype, out_dtype, math.prod(shape))
 
 
@@ -302,9 +302,16 @@ def _forward_gpu(
     if plan.regime != "columns":
         x3, out3 = _rows(x3), _rows(out3, True)
     with a.call.on_device():
-        cuda_softmax.launch_forward(
-            kind, x3, out3, plan, call.strategy, a.call.stream, a.dtype, call.out_dtype
-        )
+        if plan.regime == "split":
+            cuda_softmax.launch_split_forward(
+                kind, x3, out3, plan, call.strategy, a.call.stream, a.dtype,
+                call.out_dtype, lambda s, d: a.empty(s, d)[1],
+            )  # fmt: skip
+        else:
+            cuda_softmax.launch_forward(
+                kind, x3, out3, plan, call.strategy, a.call.stream, a.dtype,
+                call.out_dtype,
+            )  # fmt: skip
     return native
 
 
@@ -399,7 +406,7 @@ def logsumexp_plan(
     dims = _layout.normalize_dims(dim, len(shape))
     out_shape = _layout.reduced_shape(shape, dims, bool(keepdim))
     sizes = _layout.around_sizes(shape, dims)
-    plan = _launch.softmax_plan(sizes, 1, out_dtype, block)
+    plan = _launch.softmax_plan(sizes, 1, out_dtype, block, split=True)
     call = _softmax_call(plan, strategy, dtype, out_dtype, math.prod(shape))
     return LogsumexpCall(dims, out_shape, call)
 
@@ -461,9 +468,15 @@ def _logsumexp_gpu(
             out2, (plan.outer,), out2.strides[:1], writeable=True
         )
     with a.call.on_device():
-        cuda_softmax.launch_logsumexp(
-            x3, out2, plan, call.strategy, a.call.stream, call.out_dtype
-        )
+        if plan.regime == "split":
+            cuda_softmax.launch_split_logsumexp(
+                x3, out2, plan, call.strategy, a.call.stream, call.out_dtype,
+                lambda s, d: a.empty(s, d)[1],
+            )  # fmt: skip
+        else:
+            cuda_softmax.launch_logsumexp(
+                x3, out2, plan, call.strategy, a.call.stream, call.out_dtype
+            )
     return native
 
 
@@ -595,7 +608,7 @@ def softmax_plan(
     """Which kernel regime softmax over `dim` of an array of `shape` runs, on
     the GPU (`regime`) and the CPU (`cpu_regime`); see ``SoftmaxPlan``."""
     return _launch.softmax_plan(
-        tuple(shape), dim, _as_dtype(dtype, "softkern.softmax_plan"), block
+        tuple(shape), dim, _as_dtype(dtype, "softkern.softmax_plan"), block, split=True
     )
 
 

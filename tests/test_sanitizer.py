@@ -72,7 +72,7 @@ def warp_neighbour(out, synced):
 
 
 @cuda.jit
-def shuffle_orders_the_warp(out):
+def shuffle_orders_no_memory(out):
     sh = cuda.shared.array(32, np.float32)
     lane = cuda.threadIdx.x
     sh[lane] = lane
@@ -106,13 +106,15 @@ def test_barrier_separates():
     np.testing.assert_array_equal(out, (np.arange(64) + 1) % 64)
 
 
-def test_warp_needs_syncwarp_or_a_shuffle():
-    with pytest.raises(SanitizerError, match=r"no warp intrinsic joined by both"):
+def test_warp_needs_syncwarp():
+    with pytest.raises(SanitizerError, match=r"no syncwarp joined by both"):
         launch(warp_neighbour, 1, 32, np.zeros(32, np.float32), False)
     out = np.zeros(32, np.float32)
     launch(warp_neighbour, 1, 32, out, True)
     np.testing.assert_array_equal(out, np.arange(32) ^ 1)
-    launch(shuffle_orders_the_warp, 1, 32, np.zeros(32, np.float32))
+    # a shuffle moves registers: CUDA orders no memory access at one
+    with pytest.raises(SanitizerError, match=r"racecheck"):
+        launch(shuffle_orders_no_memory, 1, 32, np.zeros(32, np.float32))
 
 
 def test_global_write_write_across_blocks():
@@ -126,6 +128,61 @@ def test_atomics_do_not_race():
     out = np.zeros(1, np.float32)
     launch(atomic_total, 2, 32, out)
     assert out[0] == 64
+
+
+@cuda.jit
+def slice_writes(out, racy):
+    sh = cuda.shared.array(64, np.float32)
+    t = cuda.threadIdx.x
+    if racy:
+        sh[0:64] = t  # every thread writes every element
+    else:
+        sh[t : t + 1] = t  # each its own element, through a slice
+    cuda.syncthreads()
+    out[t] = sh[63 - t]
+
+
+@cuda.jit
+def atomics_write_shared(out):
+    sh = cuda.shared.array(2, np.int32)
+    t = cuda.threadIdx.x
+    if t == 0:
+        cuda.atomic.exch(sh, 0, 5)
+        cuda.atomic.compare_and_swap(sh[1:], 7, 9)  # no index: element 0
+    cuda.syncthreads()
+    out[t] = sh[0]
+
+
+RECORD = np.dtype([("a", np.float32), ("b", np.int32)])
+
+
+@cuda.jit
+def record_fields(out):
+    sh = cuda.shared.array(32, RECORD)
+    t = cuda.threadIdx.x
+    sh[t]["a"] = t  # a field store: the simulator's own record view
+    cuda.syncthreads()
+    out[t] = sh[31 - t]["a"]
+
+
+def test_shared_records_run_unchecked_and_unchanged():
+    out = np.zeros(32, np.float32)
+    launch(record_fields, 1, 32, out)
+    np.testing.assert_array_equal(out, 31 - np.arange(32))
+
+
+def test_slice_assignment_writes_each_element():
+    out = np.zeros(64, np.float32)
+    launch(slice_writes, 1, 64, out, False)
+    np.testing.assert_array_equal(out, 63 - np.arange(64))
+    with pytest.raises(SanitizerError, match=r"racecheck.*writes it and.*writes it"):
+        launch(slice_writes, 1, 64, out, True)
+
+
+def test_atomic_writes_count_for_initcheck():
+    out = np.zeros(32, np.int32)
+    launch(atomics_write_shared, 1, 32, out)
+    assert (out == 5).all()
 
 
 # --- initcheck -------------------------------------------------------------------
@@ -173,6 +230,32 @@ def local_out_of_range(out):
     for j in range(5):
         scratch[j] = j
     out[cuda.threadIdx.x] = scratch[0]
+
+
+@cuda.jit
+def row_before(out, x):
+    i = cuda.threadIdx.x
+    row = x[i - 1, :]  # a slice beside a negative index: still checked
+    out[i] = row[0]
+
+
+@cuda.jit
+def iterates(out, x):
+    total = 0.0
+    for v in x:
+        total += v
+    out[cuda.threadIdx.x] = total
+
+
+def test_negative_index_beside_a_slice():
+    with pytest.raises(SanitizerError, match=r"memcheck.*\(-1, slice"):
+        launch(row_before, 1, 32, np.zeros(32), np.ones((32, 2)))
+
+
+def test_iterating_over_an_array_is_in_range():
+    out = np.zeros(32)
+    launch(iterates, 1, 32, out, np.arange(4.0))
+    assert (out == 6).all()
 
 
 def test_negative_index_into_a_global_array():

@@ -260,7 +260,9 @@ def _arrive(caller: _Caller, value: Any) -> _Round:
             del warp.open[key]
             for lane in round_.values:
                 del warp.waiting[lane]
-            if sanitizer.enabled():  # the lanes are ordered from here on
+            if caller.kind == "syncwarp" and sanitizer.enabled():
+                # memory is ordered among the lanes from here on (shuffles
+                # and votes move registers and order no memory access)
                 sanitizer.warp_round(caller.thread._manager, warp.index, round_.values)
             round_.done = True
             warp.cond.notify_all()

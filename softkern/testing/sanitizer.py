@@ -5,24 +5,28 @@ synccheck), found in the simulator, where those bugs otherwise pass.
 The simulator runs a block's threads as Python threads and its arrays are
 NumPy arrays, so a kernel that forgets a ``syncthreads`` still reads the
 right values (threads interleave at the GIL's pace), a shared element nobody
-wrote holds what the previous block left, and ``a[-1]`` wraps around. Turned
+wrote holds what the previous block left, and an index past the end may read
+a neighbour's memory unnoticed. Turned
 on (``SOFTKERN_SANITIZE=1`` in the environment, or ``with sanitize():``),
 every ``@cuda.jit`` kernel the simulator runs, softkern's or a user's, sees
 its array arguments, ``cuda.shared.array`` and ``cuda.local.array`` through
 checking views, and its block runs in a loop that watches the barriers:
 
 - **memcheck**: an index that is negative or past the end of its dim, into a
-  global, shared or local array (before NumPy could wrap it around).
+  global, shared or local array. Numba wraps a negative index around on
+  both devices, as NumPy does, but a kernel computing ``x[i - 1]`` nearly
+  never means the last element at i = 0: it is reported too.
 - **initcheck**: a read of a shared element no thread of the block has
   written in this launch.
 - **racecheck**: two threads of a block touch one shared element, at least
   one writing, with nothing ordering them; and two threads of a launch write
   one global element unordered (threads of different blocks are never
   ordered). Ordering: a ``syncthreads`` between the accesses, or, for lanes of
-  one warp, a warp intrinsic (``syncwarp``, a shuffle, a vote) that both
-  lanes joined in between. Warp intrinsics are tracked with a vector clock
-  per lane over its warp; a barrier orders everything before it. Atomics
-  are exempt.
+  one warp, a ``syncwarp`` that both lanes joined in between (tracked with a
+  vector clock per lane over its warp; a barrier orders everything before
+  it). Shuffles and votes exchange registers, not memory: CUDA orders memory
+  only at ``syncwarp`` and ``syncthreads``, so they order nothing here.
+  Atomics never race, and an atomic write counts as a write for initcheck.
 - **synccheck**: a ``syncthreads`` released while some threads of the block
   had exited without reaching it, or with threads waiting at different
   ``syncthreads`` calls; and a barrier whose other threads never come
@@ -50,8 +54,9 @@ import numpy as np
 
 ENV = "SOFTKERN_SANITIZE"
 WARP_SIZE = 32
-#: Seconds a barrier may wait with no thread arriving before synccheck fails.
-TIMEOUT = 30.0
+#: Seconds a barrier may wait with no thread arriving before synccheck fails
+#: (generous: a thread of the simulator may run a long serial stretch).
+TIMEOUT = 120.0
 
 _lock = threading.Lock()
 _active = 0
@@ -212,7 +217,8 @@ def _block_of(manager: Any) -> _Block | None:
 
 
 def warp_round(manager: Any, warp: int, lanes: Iterable[int]) -> None:
-    """Called by ``softkern.testing.cudasim`` when a warp intrinsic completes."""
+    """Called by ``softkern.testing.cudasim`` when a ``syncwarp`` completes:
+    its lanes are ordered from then on."""
     block = _block_of(manager)
     if block is not None:
         block.warp_round(warp, lanes)
@@ -268,25 +274,33 @@ class _Checked:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._array, name)
 
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self._array)):
+            yield self[i]
+
     def _element(self, index: Any) -> tuple[int, ...] | None:
         """The full integer index of one element, checked (memcheck); None
-        for anything else (a slice, fewer indices: a view)."""
+        for anything else (a slice, fewer indices: a view), whose integer
+        parts are checked all the same."""
         parts = index if isinstance(index, tuple) else (index,)
         ints = [_as_index(p) for p in parts]
         shape = self._array.shape
-        if any(i is None for i in ints) or len(ints) > len(shape):
-            return None
         for dim, (i, size) in enumerate(zip(ints, shape, strict=False)):
-            if not 0 <= i < size:
+            if i is not None and not 0 <= i < size:
                 thread = _kernel_thread()
                 who = f" by {_who(thread)}" if thread is not None else ""
+                shown = tuple(
+                    p if i is None else i for p, i in zip(parts, ints, strict=True)
+                )
                 _fail(
                     "memcheck",
                     self._launch,
-                    f"index {tuple(ints)} of {self._space} array {self._name} "
+                    f"index {shown} of {self._space} array {self._name} "
                     f"(shape {shape}) is out of range in dim {dim}{who}",
                 )
-        return tuple(ints) if len(ints) == len(shape) else None
+        if any(i is None for i in ints) or len(ints) != len(shape):
+            return None
+        return tuple(ints)
 
     def _view(self, index: Any) -> Any:
         view = self._array[index]
@@ -306,12 +320,29 @@ class _Checked:
     def __setitem__(self, index: Any, value: Any) -> None:
         _stop_if_aborted()
         element = self._element(index)
-        if element is None:
-            self._view(index)  # checked; a slice assignment is one write each
+        if element is None:  # a slice assignment: a write of each element
+            view = self._view(index)
+            for each in np.ndindex(*view.shape):
+                view._record(each, write=True)
             self._array[index] = value
             return
         self._record(element, write=True)
         self._array[element] = value
+
+    def _address(self, element: tuple[int, ...]) -> int:
+        return self._base + sum(
+            i * s for i, s in zip(element, self._array.strides, strict=True)
+        )
+
+    def atomic(self, index: Any) -> None:
+        """An atomic operation on one element: checked (memcheck) and, in
+        shared memory, counted as written (initcheck); atomics never race."""
+        element = self._element(index)
+        thread = _kernel_thread()
+        block = _block_of(thread._manager) if thread is not None else None
+        if element is not None and block is not None and self._space == "shared":
+            with block.lock:
+                block.written.add(self._address(element))
 
     def _record(self, element: tuple[int, ...], write: bool) -> None:
         if self._space == "local":
@@ -320,9 +351,7 @@ class _Checked:
         block = _block_of(thread._manager) if thread is not None else None
         if block is None:
             return
-        address = self._base + sum(
-            i * s for i, s in zip(element, self._array.strides, strict=True)
-        )
+        address = self._address(element)
         what = f"{self._space} array {self._name}, index {element}"
         if self._space == "shared":
             _shared_access(block, thread, address, what, write)
@@ -335,11 +364,11 @@ def _race(block: _Block, thread: Any, before: _Access, what: str, write: bool) -
     other = before.thread
     same_warp = other.thread_id // WARP_SIZE == thread.thread_id // WARP_SIZE
     between = (
-        "no syncthreads, and no warp intrinsic joined by both lanes, between them"
+        "no syncthreads, and no syncwarp joined by both lanes, between them"
         if same_warp and tuple(other.blockIdx) == tuple(thread.blockIdx)
         else "no syncthreads between them"
         if tuple(other.blockIdx) == tuple(thread.blockIdx)
-        else "threads of different blocks are never ordered"
+        else "nothing between them: threads of different blocks are never ordered"
     )
     _fail(
         "racecheck",
@@ -533,8 +562,8 @@ def _checked_allocation(original: Any, space: str) -> Any:
             result = original(self, shape, dtype, alignment)
         thread = _kernel_thread()
         block = _block_of(thread._manager) if thread is not None else None
-        if block is None or not enabled():
-            return result
+        if block is None or not enabled() or result.dtype.names:
+            return result  # records: a field store bypasses any view
         name = f"allocated at {_where(_site())}"
         if space == "local":
             return _Checked(result, name, space, block.launch)
@@ -549,11 +578,11 @@ def _checked_allocation(original: Any, space: str) -> Any:
     return array
 
 
-def _unwrapped_atomic(original: Any) -> Any:
+def _unwrapped_atomic(original: Any, indexed: bool) -> Any:
     def method(self: Any, array: Any, *rest: Any) -> Any:
         if isinstance(array, _Checked):
-            if len(rest) >= 2:  # (index, value...): compare_and_swap has none
-                array._element(rest[0])
+            if indexed:
+                array.atomic(rest[0])
             array = array._array
         return original(self, array, *rest)
 
@@ -585,4 +614,6 @@ def install() -> None:
     atomic = kernelapi.FakeCUDAAtomic
     for name, value in list(vars(atomic).items()):
         if callable(value) and not name.startswith("_"):
-            setattr(atomic, name, _unwrapped_atomic(value))
+            # compare_and_swap(array, old, value) takes no index: element 0
+            indexed = name != "compare_and_swap"
+            setattr(atomic, name, _unwrapped_atomic(value, indexed))

@@ -80,8 +80,8 @@ def test_full_plan_grid_depends_only_on_size():
         ((10, 1025, 1), "rows", 256),  # block-per-row
         ((9, 2**16, 1), "rows", 256),  # long rows, but enough of them
         ((8, 2**16 - 1, 1), "rows", 256),  # few rows, but short
-        ((8, 2**16, 1), "split", 256),  # few long rows: 33 blocks a row
-        ((1, 10**8, 1), "split", 256),  # one row: 264 blocks
+        ((8, 2**16, 1), "split", 256),  # few long rows: 128 blocks a row
+        ((1, 10**8, 1), "split", 256),  # one row: 1024 blocks
         ((3, 7, 2), "columns", 8),  # 32-column tiles, 8 threads along n
     ],
 )
@@ -89,9 +89,9 @@ def test_dim_plan_regimes(shape, regime, group):
     plan = _launch.dim_reduce_plan(*shape, 256)
     assert (plan.regime, plan.group) == (regime, group)
     assert 1 <= plan.grid <= _launch.MAX_GRID
-    if regime == "split":  # about two waves of the plan's SMs in all
+    if regime == "split":  # the rows share one full reduction's grid
         total = plan.grid * shape[0]
-        assert 2 * _launch.PLAN_SMS <= total < 2 * _launch.PLAN_SMS + shape[0]
+        assert _launch.MAX_GRID <= total < _launch.MAX_GRID + shape[0]
 
 
 def test_block_and_strategy_checks():
@@ -107,8 +107,8 @@ def test_block_and_strategy_checks():
 @pytest.mark.parametrize(
     ("shape", "split", "regime", "segments"),
     [
-        ((8, 2**20), True, "split", 33),  # few long rows: 33 blocks a row
-        ((1, 10**7), True, "split", 264),  # one row: two waves of 132 SMs
+        ((8, 2**20), True, "split", 128),  # few long rows: 128 blocks a row
+        ((1, 10**7), True, "split", 1024),  # one row: MAX_GRID blocks
         ((9, 2**20), True, "stream", 0),  # enough rows for the SMs
         ((8, 2**20 - 1), True, "stream", 0),  # rows too short to split
         ((8, 2**20), False, "stream", 0),  # backward passes and losses

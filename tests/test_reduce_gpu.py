@@ -96,8 +96,8 @@ def test_dim_reductions_bitwise_equal_to_cpu(rng, shape, dim, strategy):
 @pytest.mark.parametrize(
     ("shape", "dim"),
     [
-        ((3, 1000), 1),  # split: 3 rows, each a full reduction of 4 blocks
-        ((2, 2, 700), -1),  # split: 4 rows of the (outer, n) view
+        ((3, 1000), 1),  # split: 3 rows, each a full reduction of 3 blocks
+        ((2, 2, 700), -1),  # split: 4 rows of the (outer, n) view, 2 blocks each
         ((1, 5000), 1),  # split: one row, grid-stride within its blocks
     ],
 )
@@ -105,7 +105,7 @@ def test_few_long_rows_split_bitwise_equal_to_cpu(
     rng, monkeypatch, shape, dim, op, strategy
 ):
     monkeypatch.setattr(_launch, "SPLIT_MIN_ROW", 512)
-    monkeypatch.setattr(_launch, "PLAN_SMS", 4)
+    monkeypatch.setattr(_launch, "MAX_GRID", 8)  # the rows share 8 blocks
     plan = sk.ops.reduce.reduce_plan(
         op, shape, np.dtype(np.float32), dim, False, strategy, SMALL
     )

@@ -108,12 +108,12 @@ def test_special_values_every_row_regime(width):
 
 
 @pytest.fixture
-def split_regime(monkeypatch):
-    """Rows of 256 elements and more, at most 8 of them, split into segments
-    of a 4-SM plan's two waves, so a few hundred elements reach it."""
+def split_regime(monkeypatch, small_grid):  # after small_grid: its grid wins
+    """Rows of 256 elements and more, at most 8 of them, sharing a grid of 8
+    blocks, so a few hundred elements reach the split regime."""
     if SIMULATOR:
         monkeypatch.setattr(_launch, "SPLIT_MIN_SOFTMAX_ROW", 256)
-        monkeypatch.setattr(_launch, "PLAN_SMS", 4)
+        monkeypatch.setattr(_launch, "MAX_GRID", 8)
 
 
 @pytest.mark.usefixtures("split_regime")

@@ -990,13 +990,13 @@ def ptx_cases(block: int = 256):
                 name,
                 strategy,
             )
-            for kind in FORWARD if strategy == 2 else ():  # no folds in it
+            for kind in FORWARD if strategy == 2 else ():
                 yield (
                     f"split/apply/{kind}/{name}",
                     split_apply_kernel(kind, block, dtype, x_dtype),
                     (t[:, :], a[:, ::1], t[:, ::1]),
                     name,
-                    strategy,
+                    None,  # no in-block folds: no strategy
                 )
             for kind in BACKWARD:
                 for regime in ("warp", "stream"):

@@ -16,6 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from numba import config as numba_config
+from numba import cuda
+
+
+def gpu_skip_reason() -> str | None:
+    """Why the GPU rows cannot run here, or None when a real GPU is present."""
+    if numba_config.ENABLE_CUDASIM:
+        return "NUMBA_ENABLE_CUDASIM=1: the simulator runs Python threads, not a GPU"
+    if not cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
 TARGET_S = 0.5
 MIN_ROUNDS = 5
 MAX_ROUNDS = 500

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _timing import Row, time_row
-from numba import config as numba_config
+from _timing import Row, gpu_skip_reason, time_row
 from numba import cuda
 
 import softkern as sk
@@ -42,15 +41,7 @@ IMPLS = ("softkern", "torch", "cupy", "copy")
 RTOL = 2e-5
 
 
-def _gpu_skip_reason() -> str | None:
-    if numba_config.ENABLE_CUDASIM:
-        return "NUMBA_ENABLE_CUDASIM=1: the simulator runs Python threads, not a GPU"
-    if not cuda.is_available():
-        return "no CUDA GPU"
-    return None
-
-
-GPU_SKIP = _gpu_skip_reason()
+GPU_SKIP = gpu_skip_reason()
 
 
 class Inputs:

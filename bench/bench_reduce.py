@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _timing import time_row
-from numba import config as numba_config
+from _timing import gpu_skip_reason, time_row
 from numba import cuda
 
 import softkern as sk
@@ -43,15 +42,7 @@ CUPY_NAME = {"sum": "cupy.sum", "amax": "cupy.max", "dot": "cupy.dot"}
 SOFTKERN = {"sum": sk.sum, "amax": sk.amax, "dot": sk.dot}
 
 
-def _gpu_skip_reason() -> str | None:
-    if numba_config.ENABLE_CUDASIM:
-        return "NUMBA_ENABLE_CUDASIM=1: the simulator runs Python threads, not a GPU"
-    if not cuda.is_available():
-        return "no CUDA GPU"
-    return None
-
-
-GPU_SKIP = _gpu_skip_reason()
+GPU_SKIP = gpu_skip_reason()
 
 
 def size_label(n: int) -> str:

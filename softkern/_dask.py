@@ -651,6 +651,15 @@ class _LossGraph:
         )
 
 
+def _loss_graph(fn: str, reduce: int, out: Any, *loss_args: Any) -> _LossGraph:
+    """The checks every cross-entropy entry makes at call time, then its
+    graph of operands (`loss_args`: input to lse_square_scale, as
+    ``_LossGraph`` takes them after `probabilities`)."""
+    _launch.check_strategy(reduce)
+    _no_out(out, fn)
+    return _LossGraph(fn, True, *loss_args)
+
+
 def _target_weights(t: Any, w: Any, facts: _Facts) -> Any:
     """Each position's target weight as float64, 0 where ignored; an
     out-of-range target raises the eager call's IndexError."""
@@ -909,11 +918,9 @@ def cross_entropy(
     label_smoothing=0.0, softcap=None, lse_square_scale=0.0, reduce=2, block=None,
     split_every=None,
 ):  # fmt: skip
-    fn = "softkern.cross_entropy"
-    _launch.check_strategy(reduce)
-    graph = _LossGraph(
-        fn, True, input, target, weight, ignore_index, reduction, label_smoothing,
-        block, softcap, lse_square_scale,
+    graph = _loss_graph(
+        "softkern.cross_entropy", reduce, None, input, target, weight,
+        ignore_index, reduction, label_smoothing, block, softcap, lse_square_scale,
     )  # fmt: skip
     return _reduced_loss(graph, reduce, False, split_every)
 
@@ -1052,12 +1059,9 @@ def cross_entropy_backward(
     reduction="mean", label_smoothing=0.0, softcap=None, lse_square_scale=0.0,
     out=None, reduce=2, block=None, split_every=None,
 ):  # fmt: skip
-    fn = "softkern.cross_entropy_backward"
-    _launch.check_strategy(reduce)
-    _no_out(out, fn)
-    graph = _LossGraph(
-        fn, True, input, target, weight, ignore_index, reduction, label_smoothing,
-        block, softcap, lse_square_scale,
+    graph = _loss_graph(
+        "softkern.cross_entropy_backward", reduce, out, input, target, weight,
+        ignore_index, reduction, label_smoothing, block, softcap, lse_square_scale,
     )  # fmt: skip
     return _gradient(graph, grad_output, reduce, split_every)
 
@@ -1104,12 +1108,9 @@ def cross_entropy_and_grad(
 ):  # fmt: skip
     """Both lazy, from one graph: computed together (``dask.compute(loss,
     grad)``) they share the class chunks' statistics."""
-    fn = "softkern.cross_entropy_and_grad"
-    _launch.check_strategy(reduce)
-    _no_out(out, fn)
-    graph = _LossGraph(
-        fn, True, input, target, weight, ignore_index, reduction, label_smoothing,
-        block, softcap, lse_square_scale,
+    graph = _loss_graph(
+        "softkern.cross_entropy_and_grad", reduce, out, input, target, weight,
+        ignore_index, reduction, label_smoothing, block, softcap, lse_square_scale,
     )  # fmt: skip
     loss = _reduced_loss(graph, reduce, False, split_every)
     return loss, _gradient(graph, 1.0, reduce, split_every)

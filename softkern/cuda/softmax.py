@@ -152,6 +152,19 @@ def group_broadcaster(group: int, pitch: int, block: int, dtype):
     return broadcast_shared
 
 
+def block_folds(strategy: int, group: int, pitch: int, block: int, dtype):
+    """(fold_max, fold_sum, broadcast) of a group's values: the in-block max
+    and sum with `strategy`, and the group-wide broadcast of a result.
+
+    Launch config: as ``group_reducer`` and ``group_broadcaster``.
+    """
+    return (
+        group_reducer("amax", strategy, group, pitch, block, dtype),
+        group_reducer("sum", strategy, group, pitch, block, dtype),
+        group_broadcaster(group, pitch, block, dtype),
+    )
+
+
 @functools.cache
 def group_stats(strategy: int, group: int, pitch: int, block: int, dtype):
     """Device function merging per-thread online (max, sum) pairs of a group.
@@ -165,9 +178,7 @@ def group_stats(strategy: int, group: int, pitch: int, block: int, dtype):
 
     Launch config: as ``group_reducer`` and ``group_broadcaster``.
     """
-    fold_max = group_reducer("amax", strategy, group, pitch, block, dtype)
-    fold_sum = group_reducer("sum", strategy, group, pitch, block, dtype)
-    broadcast = group_broadcaster(group, pitch, block, dtype)
+    fold_max, fold_sum, broadcast = block_folds(strategy, group, pitch, block, dtype)
     zero = np.dtype(dtype).type(0)
     neg_inf = np.dtype(dtype).type(-np.inf)
 
@@ -265,9 +276,7 @@ def forward_kernel(
     neg_inf = acc_dt.type(-np.inf)
     log = kind == "log_softmax"
     group, pitch = _group_layout(regime, block)
-    fold_max = group_reducer("amax", strategy, group, pitch, block, acc_dt)
-    fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
-    broadcast = group_broadcaster(group, pitch, block, acc_dt)
+    fold_max, fold_sum, broadcast = block_folds(strategy, group, pitch, block, acc_dt)
     merge = group_stats(strategy, group, pitch, block, acc_dt)
     update = online_update(acc_dt)
     safe_log = log_of(acc_dt)
@@ -545,9 +554,7 @@ def logsumexp_kernel(regime: str, strategy: int, block: int, dtype):
     neg_inf = acc_dt.type(-np.inf)
     inf = acc_dt.type(np.inf)
     group, pitch = _group_layout(regime, block)
-    fold_max = group_reducer("amax", strategy, group, pitch, block, acc_dt)
-    fold_sum = group_reducer("sum", strategy, group, pitch, block, acc_dt)
-    broadcast = group_broadcaster(group, pitch, block, acc_dt)
+    fold_max, fold_sum, broadcast = block_folds(strategy, group, pitch, block, acc_dt)
     safe_log = log_of(acc_dt)
 
     @cuda.jit(device=True, inline=True)
@@ -661,9 +668,7 @@ def split_partials_kernel(
         load = _input_loader(x_dtype, out_dtype)
     else:
         load = loader(np.dtype(out_dtype), acc_dt)
-    fold_max = group_reducer("amax", strategy, block, 1, block, acc_dt)
-    fold_sum = group_reducer("sum", strategy, block, 1, block, acc_dt)
-    broadcast = group_broadcaster(block, 1, block, acc_dt)
+    fold_max, fold_sum, broadcast = block_folds(strategy, block, 1, block, acc_dt)
     zero = acc_dt.type(0)
     neg_inf = acc_dt.type(-np.inf)
     _shift_of = shift_of(acc_dt)
@@ -717,9 +722,7 @@ def split_merge_kernel(strategy: int, block: int, out_dtype, pair: bool = False)
     (rows,) of `out_dtype`, or (rows, 2) of the accumulator type (`pair`).
     """
     _, out_type, acc_dt = _types(out_dtype)
-    fold_max = group_reducer("amax", strategy, block, 1, block, acc_dt)
-    fold_sum = group_reducer("sum", strategy, block, 1, block, acc_dt)
-    broadcast = group_broadcaster(block, 1, block, acc_dt)
+    fold_max, fold_sum, broadcast = block_folds(strategy, block, 1, block, acc_dt)
     safe_log = log_of(acc_dt)
     zero = acc_dt.type(0)
     neg_inf = acc_dt.type(-np.inf)

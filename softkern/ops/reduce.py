@@ -204,10 +204,12 @@ def _reduce_gpu(
             return native
         x3 = a.around(plan.dims)
         outer, n, inner = x3.shape
+        if plan.kind != "columns":  # the (outer, n) rows, inner == 1
+            rows = _dispatch.strided_view(x3, (outer, n), x3.strides[:2])
         if plan.kind == "split":
             cuda_reduce.launch_split(
                 op,
-                _dispatch.strided_view(x3, (outer, n), x3.strides[:2]),
+                rows,
                 _flat(out),
                 plan.launch,
                 plan.strategy,
@@ -217,7 +219,7 @@ def _reduce_gpu(
             )
             return native
         if plan.kind == "rows":
-            kx = _dispatch.strided_view(x3, (outer, n), x3.strides[:2])
+            kx = rows
             kout = _flat(out)
         else:
             kx = x3

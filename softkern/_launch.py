@@ -267,12 +267,14 @@ class SoftmaxPlan:
       (online max and sum, then normalise); `items` = rows.
     - "columns": inner > 1: tiles of 32 columns by block / 32 threads along
       n; `items` = outer * ceil(inner / 32) tiles.
-    - "split" (forward passes and logsumexp, asked for with `split`): at
-      most SPLIT_MAX_ROWS rows of at least SPLIT_MIN_SOFTMAX_ROW elements.
-      Each row is cut into `segments` pieces, a block per piece writing its
-      (max, sum of exp) to a small device buffer; one block per row merges
-      them into the row's log-sum-exp; softmax then writes exp(x - lse) (or
-      x - lse) in a grid-stride pass. `items` = outer * segments.
+    - "split" (asked for with `split_min_row`: softmax's and log_softmax's
+      forward passes, logsumexp, the losses): at most SPLIT_MAX_ROWS rows
+      of at least `split_min_row` elements. Each row is cut into `segments`
+      pieces, a block per piece writing its statistics (max, sum of exp) to
+      a small device buffer; one block per row merges them into the row's
+      log-sum-exp; softmax then writes exp(x - lse) (or x - lse) in a
+      grid-stride pass, a loss computes each row's loss from the merge.
+      `items` = outer * segments.
 
     Blocks walk `items` with a grid-stride loop over `grid` blocks.
     CPU `cpu_regime`: "rows" (inner == 1: one row per task, rows in parallel)
@@ -299,6 +301,11 @@ class SoftmaxPlan:
 # most SPLIT_MAX_ROWS of them, take the "split" regime (see SoftmaxPlan): a
 # block per row would keep a handful of SMs busy. Tests lower it.
 SPLIT_MIN_SOFTMAX_ROW = 1 << 20
+# cross_entropy (forward and backward) splits rows from the reductions' limit:
+# its forward pass reads each logit once, as a reduction does, so a block
+# per row costs what a reduction's rows regime costs: (8, 262144) float32
+# logits, 1 MiB a row, would stream through 8 of 132 SMs.
+SPLIT_MIN_LOSS_ROW = SPLIT_MIN_ROW
 
 
 def softmax_plan(
@@ -306,12 +313,13 @@ def softmax_plan(
     dim: int,
     dtype,
     block: int | None = None,
-    split: bool = False,
+    split_min_row: int = 0,
 ) -> SoftmaxPlan:
     """The plan for softmax (and log_softmax, and their backward passes) of
     an array of `shape` and output `dtype` over `dim` (may be negative).
-    `split`: few long rows may take the "split" regime (only the forward
-    passes and logsumexp have its kernels)."""
+    `split_min_row`: at most SPLIT_MAX_ROWS rows of at least this many
+    elements take the "split" regime (0: never; only the forward passes,
+    logsumexp and the losses have its kernels)."""
     shape = tuple(int(s) for s in shape)
     block = check_block(block)
     if block > SOFTMAX_MAX_BLOCK:
@@ -336,7 +344,7 @@ def softmax_plan(
     elif inner == 1:
         regime = "shared" if n <= cache else "stream"
         items = outer
-        if split and 0 < outer <= SPLIT_MAX_ROWS and n >= SPLIT_MIN_SOFTMAX_ROW:
+        if split_min_row and 0 < outer <= SPLIT_MAX_ROWS and n >= split_min_row:
             segments = min(cdiv(n, block), cdiv(MAX_GRID, outer))
             if segments > 1:
                 regime, items = "split", outer * segments

@@ -105,6 +105,23 @@ def small_grid(monkeypatch):
     monkeypatch.setattr(_launch, "MAX_GRID", 4)
 
 
+# the grid cap before any fixture lowers it
+REAL_MAX_GRID = _launch.MAX_GRID
+
+
+@pytest.fixture
+def split_rows(monkeypatch, small_grid):  # after small_grid: its grid wins
+    """The split regimes of softmax and the losses from rows of 256 elements
+    in the simulator, at most 8 rows sharing a grid of 8 blocks; on a GPU
+    the real limits (small_grid's 4 blocks would leave a row one segment)."""
+    if numba_config.ENABLE_CUDASIM:
+        monkeypatch.setattr(_launch, "SPLIT_MIN_SOFTMAX_ROW", 256)
+        monkeypatch.setattr(_launch, "SPLIT_MIN_LOSS_ROW", 256)
+        monkeypatch.setattr(_launch, "MAX_GRID", 8)
+    else:
+        monkeypatch.setattr(_launch, "MAX_GRID", REAL_MAX_GRID)
+
+
 @pytest.fixture(autouse=True)
 def fresh_plans():
     """Plans are cached per argument shape; tests change the limits in

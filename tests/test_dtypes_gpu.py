@@ -17,6 +17,7 @@ from test_dtypes import BF16, SMALL, as64, bf16, bits, small_array
 
 import softkern as sk
 from softkern import _launch
+from softkern.ops.losses import plan_of
 
 pytestmark = pytest.mark.usefixtures("small_grid")
 
@@ -100,8 +101,17 @@ def test_dtype_to_and_from_bfloat16(rng):
     )
 
 
+SPLIT_SHAPE = small((2, 300), (4, 131072))  # split: few rows of many classes
+
+
+@pytest.mark.usefixtures("split_rows")
 @pytest.mark.parametrize(
-    "shape", [small((6, 40), (512, 1000)), small((3, 20, 4), (64, 100, 9))]
+    "shape",
+    [
+        small((6, 40), (512, 1000)),  # a block (GPU) or a warp per row
+        small((3, 20, 4), (64, 100, 9)),  # columns
+        SPLIT_SHAPE,
+    ],
 )
 @pytest.mark.parametrize("kind", ["index", "probs"])
 def test_losses(rng, shape, kind):
@@ -116,6 +126,8 @@ def test_losses(rng, shape, kind):
     weight = (rng.random(classes) + 0.5).astype(BF16)
     options = dict(label_smoothing=0.1, softcap=4.0, lse_square_scale=1e-3)
     d, t, w = to_gpu(x), to_gpu(target), to_gpu(weight)
+    plan = plan_of("f", True, x, target, weight, -100, "none", 0.1, BLOCK).plan
+    assert (plan.regime == "split") == (shape == SPLIT_SHAPE)
     # "mean" folds the positions on the device, "none" writes each one
     reduction = "mean" if kind == "index" else "none"
     loss = to_host(

@@ -5,6 +5,7 @@ import pytest
 from numpy.exceptions import AxisError
 
 from softkern import _launch, _layout
+from softkern.ops.losses import loss_plan
 
 
 @pytest.mark.parametrize(
@@ -111,10 +112,32 @@ def test_block_and_strategy_checks():
         ((1, 10**7), True, "split", 1024),  # one row: MAX_GRID blocks
         ((9, 2**20), True, "stream", 0),  # enough rows for the SMs
         ((8, 2**20 - 1), True, "stream", 0),  # rows too short to split
-        ((8, 2**20), False, "stream", 0),  # backward passes and losses
+        ((8, 2**20), False, "stream", 0),  # backward passes
     ],
 )
 def test_softmax_split_regime(shape, split, regime, segments):
-    plan = _launch.softmax_plan(shape, 1, np.float32, 256, split=split)
+    limit = _launch.SPLIT_MIN_SOFTMAX_ROW if split else 0
+    plan = _launch.softmax_plan(shape, 1, np.float32, 256, limit)
     assert (plan.regime, plan.segments) == (regime, segments)
     assert plan.items == (shape[0] * segments if segments else shape[0])
+
+
+@pytest.mark.parametrize(
+    ("shape", "regime", "segments"),
+    [
+        ((8, 262144), "split", 128),  # few rows of many classes: 128 blocks a row
+        ((262144,), "split", 1024),  # (C,): one row, MAX_GRID blocks
+        ((2, 65536), "split", 256),  # from the reductions' limit
+        ((2, 65535), "stream", 0),  # rows too short to split
+        ((9, 262144), "stream", 0),  # enough rows for the SMs
+        ((2, 65536, 3), "columns", 0),  # (N, C, d): positions fill the grid
+    ],
+)
+def test_loss_split_regime(shape, regime, segments):
+    t_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    p = loss_plan(
+        "cross_entropy", True, shape, np.dtype(np.float32), t_shape,
+        np.dtype(np.int64), None, -100, "mean", 0.0, 256,
+    )  # fmt: skip
+    assert (p.plan.regime, p.plan.segments) == (regime, segments)
+    assert p.plan.cpu_regime == ("columns" if len(shape) == 3 else "rows")

@@ -38,6 +38,7 @@ from test_losses_cpu import (
 from test_softmax_gpu import small, small_regimes  # noqa: F401 (a fixture)
 
 import softkern as sk
+from softkern.ops.losses import plan_of
 from softkern.testing.references import EXACT
 
 pytestmark = pytest.mark.usefixtures("small_grid")
@@ -248,6 +249,134 @@ def test_softcap_and_z_loss(rng, shape, regime, target):
     got = sk.cross_entropy_backward(d, dt, gpu(g), reduction="none", block=BLOCK, **kw)
     want = ref_ce_backward(x, t, g, reduction="none", **kw)
     check_gradient(to_host(got), want, np.float32)
+
+
+# --- few rows of many classes: the split regime ------------------------------
+
+
+def loss_regime(x, t):
+    plan = plan_of("cross_entropy", True, x, t, None, -100, "mean", 0.0, BLOCK)
+    return plan.plan.regime, plan.plan.segments
+
+
+SPLIT_CASES = [
+    (small((3, 700), (8, 262144)), 0),  # 3 rows of 3 segments (GPU: 8 x 128)
+    (small((3, 700), (8, 262144)), 1),
+    (small((3, 700), (8, 262144)), 2),
+    (small((1, 2000), (1, 10**6)), 2),  # one row, 8 segments (GPU: 1024)
+    (small((700,), (300000,)), 2),  # (C,) with a 0-d target
+]
+
+
+@pytest.mark.usefixtures("split_rows")
+@pytest.mark.parametrize(("shape", "strategy"), SPLIT_CASES)
+def test_few_rows_of_many_classes_split(rng, shape, strategy):
+    x = logits(rng, shape)
+    t = index_target(rng, shape)
+    if t.size > 1:
+        t[0] = -100  # an ignored row: a zero gradient, no weight in the mean
+    w = rng.uniform(0.2, 2.0, classes(shape)).astype(np.float32)
+    assert loss_regime(x, t)[0] == "split"
+    d, dt, dw = gpu(x), gpu(t), gpu(w)
+    kw = {"label_smoothing": 0.1, "reduce": strategy, "block": BLOCK}
+    # strategies 0 and 1 (barriers between fold steps: slow in the
+    # simulator) fold partials in the sum; 2 takes every path
+    for reduction in REDUCTIONS if strategy == 2 else ("sum",):
+        got = sk.cross_entropy(d, dt, dw, reduction=reduction, **kw)
+        want = ref_ce(x, t, w, reduction=reduction, label_smoothing=0.1)
+        check_loss(to_host(got), want, np.float32)
+    g = rng.standard_normal(batch(shape)).astype(np.float32)
+    got = sk.cross_entropy_backward(d, dt, gpu(g), dw, reduction="none", **kw)
+    check_backward(
+        to_host(got), x, t, g, weight=w, reduction="none", label_smoothing=0.1
+    )
+    if strategy != 2:
+        return
+    # mean: the denominator folded on the device, then the three stages
+    loss, grad = sk.cross_entropy_and_grad(d, dt, dw, **kw)
+    check_loss(to_host(loss), ref_ce(x, t, w, label_smoothing=0.1), np.float32)
+    check_backward(to_host(grad), x, t, weight=w, label_smoothing=0.1)
+    if t.size > 1:
+        assert (to_host(grad)[0] == 0).all()
+    for a, host in ((d, x), (dt, t), (dw, w)):  # inputs untouched
+        np.testing.assert_array_equal(to_host(a), host)
+
+
+@pytest.mark.usefixtures("split_rows")
+def test_split_probability_targets_softcap_and_z_loss(rng):
+    shape = small((2, 600), (4, 200000))
+    x = logits(rng, shape, scale=20.0)  # against a cap of 12: tanh bends
+    q = prob_target(rng, shape)
+    assert loss_regime(x, q)[0] == "split"
+    d, dq = gpu(x), gpu(q)
+    for kw in ({"label_smoothing": 0.2}, {"softcap": 12.0, "lse_square_scale": 1e-2}):
+        got = to_host(sk.cross_entropy(d, dq, reduction="none", block=BLOCK, **kw))
+        check_loss(got, ref_ce(x, q, reduction="none", **kw), np.float32)
+        got = to_host(sk.cross_entropy_backward(d, dq, block=BLOCK, **kw))
+        check_gradient(got, ref_ce_backward(x, q, **kw), np.float32)
+    t = index_target(rng, shape)
+    kw = {"softcap": 12.0, "lse_square_scale": 1e-2, "label_smoothing": 0.1}
+    got = to_host(sk.cross_entropy(d, gpu(t), reduction="sum", block=BLOCK, **kw))
+    check_loss(got, ref_ce(x, t, reduction="sum", **kw), np.float32)
+    got = to_host(sk.cross_entropy_backward(d, gpu(t), block=BLOCK, **kw))
+    check_gradient(got, ref_ce_backward(x, t, **kw), np.float32)
+
+
+@pytest.mark.usefixtures("split_rows")
+def test_split_confident_rows_keep_their_small_losses():
+    # the target's logit far above the rest: a loss of ~1e-10 that a float32
+    # 1 + sum would round to 0; the segments' rests must keep it, whichever
+    # segment holds the max (the first, the middle, the last, or two tying)
+    n = small(600, 300000)
+    x = np.zeros((4, n), np.float32)
+    targets = np.array([0, n // 2, n - 1, 5])
+    x[np.arange(4), targets] = 30.0
+    x[3, n - 2] = 30.0  # a tie in another segment: loss log(2)
+    assert loss_regime(x, targets)[0] == "split"
+    got = to_host(sk.cross_entropy(gpu(x), gpu(targets), reduction="none", block=BLOCK))
+    # by hand: the float64 reference's lse - x_t cancels 30 against 30
+    # and keeps only 4 digits of these losses
+    rests = np.array([n - 1, n - 1, n - 1, (n - 2) / 2]) * np.exp(-30.0)
+    want = np.log1p(rests) + np.array([0, 0, 0, np.log(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert 0 < got[0] < 1e-7
+
+
+@pytest.mark.usefixtures("split_rows")
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_split_special_values_and_dtypes(dtype):
+    # each pattern repeated along the row, so every segment meets it
+    width = small(600, 2**17)
+    x = np.array([np.resize(row, width) for row in SPECIAL_X], dtype)
+    assert loss_regime(x, SPECIAL_T)[0] == "split"
+    d, dt = gpu(x), gpu(SPECIAL_T)
+    for eps in (0.0, 0.1):
+        kw = {"reduction": "none", "label_smoothing": eps}
+        got = to_host(sk.cross_entropy(d, dt, block=BLOCK, **kw))
+        check_loss(got, ref_ce(x, SPECIAL_T, **kw), dtype)  # torch's rules
+    got = to_host(sk.cross_entropy_backward(d, dt, reduction="sum", block=BLOCK))
+    np.testing.assert_array_equal(got[5], 0)  # ignored, NaN logits or not
+    assert np.isfinite(got[[0, 1, 6]]).all()  # untouched by neighbours
+    assert np.isnan(got[2:5]).all()
+    finite = [0, 1, 6]
+    want = ref_ce_backward(x[finite], SPECIAL_T[finite], reduction="sum")
+    check_gradient(got[finite], want, dtype)
+
+
+@pytest.mark.usefixtures("split_rows")
+def test_split_bad_targets_and_all_ignored(rng):
+    x = logits(rng, small((3, 500), (3, 100000)))
+    t = np.array([0, -3, x.shape[1] + 2])  # the message names -3, the first
+    for fn in (sk.cross_entropy, sk.cross_entropy_backward):
+        with pytest.raises(IndexError, match="target -3 ") as cpu:
+            fn(x, t, reduction="none")
+        with pytest.raises(IndexError) as on_gpu:
+            fn(gpu(x), gpu(t), block=BLOCK, reduction="none")
+        assert str(on_gpu.value) == str(cpu.value)
+    ignored = gpu(np.full(3, -100))
+    assert np.isnan(to_host(sk.cross_entropy(gpu(x), ignored, block=BLOCK)))
+    grad = to_host(sk.cross_entropy_backward(gpu(x), ignored, block=BLOCK))
+    np.testing.assert_array_equal(grad, 0)
 
 
 def test_nll_loss(rng):

@@ -107,16 +107,7 @@ def test_special_values_every_row_regime(width):
     assert np.isnan(sk.softmax(x, 1)[1:4]).all()
 
 
-@pytest.fixture
-def split_regime(monkeypatch, small_grid):  # after small_grid: its grid wins
-    """Rows of 256 elements and more, at most 8 of them, sharing a grid of 8
-    blocks, so a few hundred elements reach the split regime."""
-    if SIMULATOR:
-        monkeypatch.setattr(_launch, "SPLIT_MIN_SOFTMAX_ROW", 256)
-        monkeypatch.setattr(_launch, "MAX_GRID", 8)
-
-
-@pytest.mark.usefixtures("split_regime")
+@pytest.mark.usefixtures("split_rows")
 @pytest.mark.parametrize(
     ("shape", "dim", "strategy"),
     [
@@ -141,7 +132,7 @@ def test_few_long_rows_split(rng, shape, dim, strategy):
     np.testing.assert_array_equal(to_host(d), x)
 
 
-@pytest.mark.usefixtures("split_regime")
+@pytest.mark.usefixtures("split_rows")
 def test_split_special_values_and_dtypes():
     # a row per pattern, repeated so that every segment meets its value; a
     # row of -inf only in its first segment

@@ -185,7 +185,7 @@ def loss_plan(
     view = _layout.outer_n_inner(x_shape, (class_dim,))
     if classes == 0 and view[0] * view[2]:
         raise ValueError(f"{fn}: input of shape {x_shape} has no classes")
-    plan = _launch.softmax_plan(view, 1, x_dtype, block)
+    plan = _launch.softmax_plan(view, 1, x_dtype, block, _launch.SPLIT_MIN_LOSS_ROW)
     acc = _launch.softmax_acc_dtype(x_dtype)
     ones = np.ones(classes, acc)
     ones.flags.writeable = False  # shared by every call of this plan
@@ -552,9 +552,17 @@ def _gpu_forward(loss: _Loss, strategy: int) -> Any:
             scratch.stream,
             scratch.bad,
             loss.p.out_dtype,
+            _scratch_of(loss),
         )
 
-    return _gpu_losses(loss, launch, loss.p.plan.grid, strategy)
+    partials = cuda_losses.forward_partials(loss.p.plan)
+    return _gpu_losses(loss, launch, partials, strategy)
+
+
+def _scratch_of(loss: _Loss) -> Any:
+    """``empty(shape, dtype)``: a device scratch array for the kernels (the
+    split regime's statistics)."""
+    return lambda shape, dtype: loss.a.empty(shape, dtype)[1]
 
 
 def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
@@ -841,6 +849,7 @@ def cross_entropy_backward(
             scratch.stream,
             scratch.bad,
             loss.p.out_dtype,
+            _scratch_of(loss),
         )
         scratch.check()
     return native

@@ -187,7 +187,9 @@ def forward_plan(
     fn = f"softkern.{kind}"
     _launch.check_strategy(strategy)
     out_dtype = _out_dtype(x_dtype, dtype, fn)
-    plan = _launch.softmax_plan(shape, dim, out_dtype, block, split=True)
+    plan = _launch.softmax_plan(
+        shape, dim, out_dtype, block, _launch.SPLIT_MIN_SOFTMAX_ROW
+    )
     return _softmax_call(plan, strategy, x_dtype, out_dtype, math.prod(shape))
 
 
@@ -406,7 +408,9 @@ def logsumexp_plan(
     dims = _layout.normalize_dims(dim, len(shape))
     out_shape = _layout.reduced_shape(shape, dims, bool(keepdim))
     sizes = _layout.around_sizes(shape, dims)
-    plan = _launch.softmax_plan(sizes, 1, out_dtype, block, split=True)
+    plan = _launch.softmax_plan(
+        sizes, 1, out_dtype, block, _launch.SPLIT_MIN_SOFTMAX_ROW
+    )
     call = _softmax_call(plan, strategy, dtype, out_dtype, math.prod(shape))
     return LogsumexpCall(dims, out_shape, call)
 
@@ -608,7 +612,11 @@ def softmax_plan(
     """Which kernel regime softmax over `dim` of an array of `shape` runs, on
     the GPU (`regime`) and the CPU (`cpu_regime`); see ``SoftmaxPlan``."""
     return _launch.softmax_plan(
-        tuple(shape), dim, _as_dtype(dtype, "softkern.softmax_plan"), block, split=True
+        tuple(shape),
+        dim,
+        _as_dtype(dtype, "softkern.softmax_plan"),
+        block,
+        _launch.SPLIT_MIN_SOFTMAX_ROW,
     )
 
 

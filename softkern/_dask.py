@@ -909,7 +909,9 @@ def _reduced_loss(
         "sum", losses.astype(_FLOAT64), None, False, strategy, None, split_every
     )
     if p.reduction == "mean":
-        total = _divided(total, (), _denominator(graph, split_every))
+        # zero total weight: NaN with smoothing or the z-loss (eager's rule)
+        quotient = _mean_scale if p.weightless_mean_is_nan else _quotient
+        total = _divided(total, (), _denominator(graph, split_every), quotient)
     return total.astype(p.out_dtype)
 
 

@@ -574,6 +574,7 @@ def test_mean_over_zero_weight(rng, chunking, smoothing):
         )
     expected = sk.cross_entropy(x, t, w, label_smoothing=smoothing)
     np.testing.assert_array_equal(loss, expected)
+    assert np.isnan(loss)  # smoothed too: PyTorch's (1 - eps) * 0 / 0 + ...
     ignored = t == -100
     assert np.isnan(grad[~ignored]).all() and (grad[ignored] == 0).all()
 

@@ -8,6 +8,7 @@ against hand-written expectations always.
 """
 
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -211,6 +212,39 @@ def test_all_targets_ignored(rng, dtype):
             np.testing.assert_array_equal(grad, np.zeros(shape, dtype))
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2}, {"lse_square_scale": 0.01}]
+)
+@pytest.mark.parametrize("shape", [(4, 5), (2, 5, 3)])
+def test_mean_over_zero_weight_is_nan(rng, shape, options):
+    # every counted target weighs 0: PyTorch's mean is 0 / 0, and its
+    # smoothed mean adds (1 - eps) * that NaN to a positive smooth term
+    # over 0 (inf): NaN as well, which the z-loss follows
+    x = logits(rng, shape)
+    t = index_target(rng, shape, ignore_index=-100)
+    t.flat[0] = 1
+    w = np.ones(classes(shape), np.float32)
+    w[np.unique(t[t >= 0])] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(sk.cross_entropy(x, t, w, **options))
+        loss, grad = sk.cross_entropy_and_grad(x, t, w, **options)
+    assert np.isnan(loss)
+    np.testing.assert_array_equal(
+        grad, sk.cross_entropy_backward(x, t, 1.0, w, **options)
+    )
+    if not options.get("lse_square_scale"):  # PyTorch has no z-loss
+        torch = pytest.importorskip("torch")
+        eps = options.get("label_smoothing", 0.0)
+        xt = torch.from_numpy(x).requires_grad_()
+        expected = torch.nn.functional.cross_entropy(
+            xt, torch.from_numpy(t), torch.from_numpy(w), label_smoothing=eps
+        )
+        expected.backward()
+        assert torch.isnan(expected)
+        np.testing.assert_array_equal(grad, xt.grad.numpy())  # NaN, 0 where ignored
+
+
 @pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3), (2, 4, 0), (0, 3, 0, 2)])
 def test_empty_batch(shape):
     x = np.empty(shape, np.float32)
@@ -378,6 +412,22 @@ def test_special_values_by_hand(dtype):
     np.testing.assert_allclose(grad[6], [1 / 3, -2 / 3, 1 / 3], rtol=1e-6)
     np.testing.assert_allclose(grad[0, 1], 0, atol=0)  # p = 0 where x = -inf
     assert np.isnan(grad[2:5]).all()
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 3.0}])
+def test_ignored_positions_get_zero_gradients_whatever_their_logits(options):
+    # +inf, NaN and only -inf in ignored positions: 0 (the documented rule;
+    # PyTorch's autograd gives NaN there), in the rows and columns layouts
+    x = np.resize(SPECIAL_X[[2, 3, 4, 0]], (4, 3)).astype(np.float32)
+    t = np.array([-100, -100, -100, 2])
+    for data, target in ((x, t), (np.moveaxis(x[None], 1, 2).copy(), t[None])):
+        for grad in (
+            sk.cross_entropy_backward(data, target, **options),
+            sk.cross_entropy_and_grad(data, target, **options)[1],
+        ):
+            rows = grad if grad.ndim == 2 else grad[0].T  # (position, class)
+            np.testing.assert_array_equal(rows[:3], 0)
+            assert np.isfinite(rows[3]).all()
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])

@@ -160,6 +160,11 @@ def test_all_ignored_and_empty(rng):
     assert np.isnan(to_host(sk.nll_loss(d, dt, ignore_index=3, block=BLOCK)))
     grad = to_host(sk.cross_entropy_backward(d, dt, ignore_index=3, block=BLOCK))
     np.testing.assert_array_equal(grad, np.zeros_like(x))  # mean: 0, not NaN
+    # counted targets of weight 0, smoothed: NaN, not the smooth term over 0
+    w = np.ones(30, np.float32)
+    w[3] = 0
+    smoothed = sk.cross_entropy(d, dt, gpu(w), label_smoothing=0.1, block=BLOCK)
+    assert np.isnan(to_host(smoothed))
     e, et = gpu(np.empty((0, 5), np.float32)), gpu(np.empty(0, np.int64))
     assert np.isnan(to_host(sk.cross_entropy(e, et)))
     assert to_host(sk.cross_entropy(e, et, reduction="sum")) == 0

@@ -72,7 +72,7 @@ from softkern.cuda.softmax import (
 
 KINDS = ("index", "probs")
 # finish_kernel's modes
-SUM, MEAN, WEIGHT = 0, 1, 2
+SUM, MEAN, WEIGHT, MEAN_OR_NAN = 0, 1, 2, 3
 
 
 @functools.cache
@@ -897,13 +897,16 @@ def nll_kernel(strategy: int, block: int, total: bool, dtype):
 def finish_kernel(strategy: int, block: int, dtype):
     """One block folding partials (2, P) into out[0]: the loss sum (mode
     SUM); the loss sum over `count` (MEAN, count > 0) or over the weight sum
-    (MEAN, count 0: all targets ignored gives 0 / 0 = NaN, as PyTorch); or
-    the weight sum (WEIGHT). `dtype` is out's dtype.
+    (MEAN, count 0: all targets ignored gives 0 / 0 = NaN, as PyTorch); the
+    same, NaN whenever the weight sum is 0 (MEAN_OR_NAN: smoothing and the
+    z-loss, ``LossPlan.weightless_mean_is_nan``); or the weight sum
+    (WEIGHT). `dtype` is out's dtype.
 
     Launch config: [1, block].
     """
     acc, out_type, acc_dt = _types(dtype)
     zero = acc_dt.type(0)
+    nan = acc_dt.type(np.nan)
     fold = group_reducer("sum", strategy, block, 1, block, acc_dt)
 
     @bounded_kernel(block)
@@ -925,6 +928,8 @@ def finish_kernel(strategy: int, block: int, dtype):
                 out[0] = out_type(weight)
             elif count > 0:
                 out[0] = out_type(loss / acc(count))
+            elif mode == MEAN_OR_NAN and weight == zero:
+                out[0] = out_type(nan)
             else:
                 out[0] = out_type(loss / weight)
 

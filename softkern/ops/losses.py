@@ -120,6 +120,15 @@ class LossPlan(NamedTuple):
     def positions(self) -> int:
         return self.view[0] * self.view[2]
 
+    @property
+    def weightless_mean_is_nan(self) -> bool:
+        """Whether a mean over a zero total weight is NaN whatever the sum
+        of losses: PyTorch's smoothed mean adds (1 - eps) nll_sum / W and
+        eps / C smooth_sum / W, and with every counted target weighing 0
+        the first is 0 / 0; the z-loss follows the same denominator.
+        Without either option the sum over W is PyTorch's own division."""
+        return self.kind == "index" and (self.smoothing > 0 or self.zscale > 0)
+
 
 @_dispatch.plan_cache
 def loss_plan(
@@ -320,7 +329,9 @@ def _loss_result(p: LossPlan, losses: np.ndarray, total: float, count: float) ->
         out[...] = losses.reshape(p.batch_shape)
         return out
     if p.reduction == "mean":
-        if count == 0:  # all ignored: 0 / 0 = NaN, as PyTorch
+        if count == 0 and p.weightless_mean_is_nan:
+            total = np.nan
+        elif count == 0:  # all ignored: 0 / 0 = NaN, as PyTorch
             with np.errstate(invalid="ignore", divide="ignore"):
                 total = np.float64(total) / count
         else:
@@ -569,6 +580,8 @@ def _finish(loss: _Loss, partials: Any, strategy: int, stream: Any) -> Any:
     native, out = loss.a.empty((), loss.p.out_dtype)
     if loss.p.reduction == "sum":
         mode, count = cuda_losses.SUM, 0
+    elif loss.p.weightless_mean_is_nan:
+        mode, count = cuda_losses.MEAN_OR_NAN, 0
     else:
         mode = cuda_losses.MEAN
         count = loss.p.positions if loss.p.kind == "probs" else 0

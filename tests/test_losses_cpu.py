@@ -990,6 +990,19 @@ def test_loss_and_grad_special_values_in_long_rows(dtype, eps):
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-9)
 
 
+def test_loss_and_grad_errors_name_it_on_every_path(rng):
+    # the fused rows pass, and the columns and probability layouts that go
+    # through the forward and backward kernels
+    x, x3 = logits(rng, (3, 4)), logits(rng, (2, 4, 3))
+    bad = [(x, np.array([0, 9, 1])), (x3, np.array([[0, 1, 9], [2, 3, 0]]))]
+    for data, t in bad:
+        with pytest.raises(IndexError, match=r"^softkern\.cross_entropy_and_grad: "):
+            sk.cross_entropy_and_grad(data, t)
+    q = prob_target(rng, x.shape)
+    with pytest.raises(ValueError, match=r"^softkern\.cross_entropy_and_grad: "):
+        sk.cross_entropy_and_grad(x, q, out=np.empty((3, 5), np.float32))
+
+
 def test_loss_and_grad_writes_every_element_of_out(rng):
     x = logits(rng, (64, 1000))
     t = index_target(rng, x.shape, ignore_index=-100)

@@ -227,6 +227,8 @@ def test_loss_and_grad_and_out(rng):
         sk.cross_entropy_backward(d, dt, out=np.empty_like(x), **kw)
     with pytest.raises(ValueError, match="shape"):
         sk.cross_entropy_and_grad(d, dt, out=gpu(np.empty((2, 41), np.float32)))
+    with pytest.raises(IndexError, match=r"^softkern\.cross_entropy_and_grad: "):
+        sk.cross_entropy_and_grad(d, gpu(np.array([3, 40])), **kw)
 
 
 @pytest.mark.usefixtures("small_regimes")

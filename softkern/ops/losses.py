@@ -639,8 +639,27 @@ def cross_entropy(
     GPU's in-block strategy and block size, as in ``softkern.softmax``.
     Returns an array of the input's kind and dtype (0-d unless "none").
     """
+    return _cross_entropy(
+        "softkern.cross_entropy", input, target, weight, ignore_index, reduction,
+        label_smoothing, softcap, lse_square_scale, reduce, block,
+    )  # fmt: skip
+
+
+def _cross_entropy(
+    fn: str,
+    input: Any,
+    target: Any,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    lse_square_scale: float,
+    reduce: int,
+    block: int | None,
+) -> Any:
+    """``cross_entropy``, its errors naming `fn` (the public function called)."""
     strategy = _launch.check_strategy(reduce)
-    fn = "softkern.cross_entropy"
     host = _host_operands(input, target, weight)
     if host is None:
         loss = _gpu_loss(
@@ -783,8 +802,30 @@ def cross_entropy_backward(
     kind and dtype, or writes it into `out` (C-contiguous, of that shape
     and dtype, on the input's device, not overlapping it) and returns `out`.
     Targets that are ignored get a zero gradient."""
+    return _cross_entropy_backward(
+        "softkern.cross_entropy_backward", input, target, grad_output, weight,
+        ignore_index, reduction, label_smoothing, softcap, lse_square_scale, out,
+        reduce, block,
+    )  # fmt: skip
+
+
+def _cross_entropy_backward(
+    fn: str,
+    input: Any,
+    target: Any,
+    grad_output: Any,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    lse_square_scale: float,
+    out: Any,
+    reduce: int,
+    block: int | None,
+) -> Any:
+    """``cross_entropy_backward``, its errors naming `fn`."""
     strategy = _launch.check_strategy(reduce)
-    fn = "softkern.cross_entropy_backward"
     host = _host_operands(input, target, weight)
     if host is not None:
         x, t, w = host
@@ -916,7 +957,7 @@ def cross_entropy_and_grad(
     strategy = _launch.check_strategy(reduce)
     fn = "softkern.cross_entropy_and_grad"
     options = (weight, ignore_index, reduction, label_smoothing)
-    extras = {"softcap": softcap, "lse_square_scale": lse_square_scale}
+    extras = (softcap, lse_square_scale)
     host = _host_operands(input, target, weight)
     if host is not None:
         x, t, w = host
@@ -926,11 +967,9 @@ def cross_entropy_and_grad(
         )  # fmt: skip
         if p.kind == "index" and p.plan.cpu_regime == "rows" and p.positions:
             return _cpu_loss_and_grad(p, x, t, w, _grad_out_host(x, out, p))
-    loss = cross_entropy(
-        input, target, *options, **extras, reduce=strategy, block=block
-    )
-    grad = cross_entropy_backward(
-        input, target, 1.0, *options, **extras, out=out, reduce=strategy, block=block
+    loss = _cross_entropy(fn, input, target, *options, *extras, strategy, block)
+    grad = _cross_entropy_backward(
+        fn, input, target, 1.0, *options, *extras, out, strategy, block
     )
     return loss, grad
 

@@ -743,7 +743,9 @@ def _class_chunk_stats(
     if w is not None:
         w = _wide(w, facts.acc).reshape(shape)
     stats = []
-    if not nll:
+    if not nll and xp is np:
+        stats.append(ops_softmax.logsumexp_float64(x, cd))
+    elif not nll:
         lse = ops_softmax.logsumexp(x, cd, True, reduce=strategy, block=facts.block)
         stats.append(lse.astype(_FLOAT64))
     with np.errstate(invalid="ignore"):  # 0 * inf: NaN, as PyTorch's

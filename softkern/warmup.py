@@ -180,6 +180,12 @@ def _softmax_family() -> Iterator[Call]:
             f"softmax over a dim split into Dask chunks (second pass) {acc}",
             lambda acc=acc: _split_softmax_pass(_data(acc, (6, 40, 1), 3)),
         )
+        for shape in ((6, 40), (6, 40, 3)):  # rows, columns
+            yield Call(
+                "logsumexp",
+                f"float64 logsumexp of a Dask class chunk {acc} {len(shape)}-d",
+                lambda acc=acc, shape=shape: _chunk_logsumexp(_data(acc, shape, 5)),
+            )
 
 
 def _split_softmax_pass(x: np.ndarray) -> np.ndarray:
@@ -191,6 +197,14 @@ def _split_softmax_pass(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     cpu_softmax.from_logsumexp(x, lse, out, False, False)
     return out
+
+
+def _chunk_logsumexp(x: np.ndarray) -> np.ndarray:
+    """The float64 log-sum-exp of a class chunk that softkern._dask's
+    vocabulary-parallel losses merge."""
+    from softkern.ops.softmax import logsumexp_float64
+
+    return logsumexp_float64(x, 1)
 
 
 def _losses() -> Iterator[Call]:

@@ -460,11 +460,17 @@ def columns_backward(g, y, out, strip, log, lowest, parallel):
 
 
 @njit(inline="always", cache=True)
-def row_logsumexp(x, out, r, lowest):
+def row_logsumexp(x, out, r, lowest, part_zero):
     """log(sum(exp(x[r]))) a tile at a time, as ``row``: the tile's max and
-    its sum of exp(x - max) while it is in L1 (blocks in the accumulator
-    type, added in float64), the tiles merged by ``merge_sums``. A row whose
-    max is +inf is summed again shifted by 0 (+inf, or NaN with a NaN)."""
+    its sum of exp(x - max) while it is in L1 (blocks of SUM_BLOCK summed in
+    the type of `part_zero`, added in float64), the tiles merged by
+    ``merge_sums``. A row whose max is +inf is summed again shifted by 0
+    (+inf, or NaN with a NaN).
+
+    `part_zero`: 0 of the compute type (SIMD adds of the exponentials, as
+    fast as they come; the blocks' rounding costs ~1e-7 relative in
+    float32), or float64 0 (~1e-8, 1.5x the time: softkern._dask's class
+    chunks, whose values are merged into a loss and its gradient)."""
     xr = x[r]
     n = xr.shape[0]
     top = lowest
@@ -478,7 +484,7 @@ def row_logsumexp(x, out, r, lowest):
         tile_sum = 0.0
         for j0 in range(0, xt.size, SUM_BLOCK):
             xb = xt[j0 : min(xt.size, j0 + SUM_BLOCK)]
-            part = as_acc(0, lowest)
+            part = part_zero
             for j in range(xb.size):
                 part += exp_nonpositive(as_acc(xb[j], lowest) - shift)
             tile_sum += part
@@ -488,18 +494,19 @@ def row_logsumexp(x, out, r, lowest):
         for j in range(n):
             total += exp(as_acc(xr[j], lowest))
         top = as_acc(0, lowest)
-    out[r] = as_acc(np.log(total) + top, lowest)
+    # one rounding, by the store: a float64 out keeps the float64 value
+    out[r] = np.log(total) + top
 
 
 @parallel_kernel(fastmath=FASTMATH)
-def logsumexp_rows(x, out, lowest, parallel):
+def logsumexp_rows(x, out, lowest, part_zero, parallel):
     count = x.shape[0]
     if not parallel:
         for r in range(count):
-            row_logsumexp(x, out, r, lowest)
+            row_logsumexp(x, out, r, lowest, part_zero)
         return
     for r in prange(count):
-        row_logsumexp(x, out, r, lowest)
+        row_logsumexp(x, out, r, lowest, part_zero)
 
 
 @njit(inline="always", cache=True)
@@ -516,7 +523,7 @@ def column_strip_logsumexp(x, out, item, strips, strip, lowest):
         for c in range(width):
             total[c] += exp(as_acc(xr[c], lowest) - shift[c])
     for c in range(width):
-        out[o, c0 + c] = as_acc(np.log(total[c]), lowest) + shift[c]
+        out[o, c0 + c] = np.log(total[c]) + shift[c]  # rounded by the store
 
 
 @parallel_kernel(fastmath=FASTMATH)

@@ -945,15 +945,16 @@ def forward_partials(plan) -> int:
     return plan.outer if plan.regime == "split" else plan.grid
 
 
-def _split_stats(kind, x, target, weight, smoothing, cap, plan, strategy, stream,
-                 empty, dtype):  # fmt: skip
+def _split_stats(kind, x, target, weight, options, plan, strategy, stream, empty,
+                 dtype):  # fmt: skip
     """Stage 1 of the split regime: the segments' statistics, in a scratch
-    array from `empty`."""
-    acc = softmax_acc_dtype(dtype)
-    stats = empty((plan.outer, plan.segments, SEGMENT_STATS), acc)
+    array from `empty`; `options` (smoothing, cap, zscale) in the compute
+    type, as the launchers cast them."""
+    smoothing, cap, _ = options
+    stats = empty((plan.outer, plan.segments, SEGMENT_STATS), softmax_acc_dtype(dtype))
     split_stats_kernel(kind, strategy, plan.block, dtype)[
         plan.grid, plan.block, stream
-    ](x, target, weight, acc.type(smoothing), acc.type(cap), stats)
+    ](x, target, weight, smoothing, cap, stats)
     return stats
 
 
@@ -983,8 +984,8 @@ def launch_forward(
     acc = softmax_acc_dtype(dtype).type
     options = (acc(smoothing), acc(cap), acc(zscale))
     if plan.regime == "split":
-        stats = _split_stats(kind, x, target, weight, smoothing, cap, plan,
-                             strategy, stream, empty, dtype)  # fmt: skip
+        stats = _split_stats(kind, x, target, weight, options, plan, strategy,
+                             stream, empty, dtype)  # fmt: skip
         kernel = split_forward_kernel(kind, strategy, plan.block, total, dtype)
         kernel[plan.outer, plan.block, stream](
             x, target, weight, ignore_index, *options, stats, out, bad
@@ -1023,9 +1024,9 @@ def launch_backward(
     options = (acc(smoothing), acc(cap), acc(zscale))
     upstream = (grads, acc(scale), denominator)
     if plan.regime == "split":
-        stats = _split_stats(kind, x, target, weight, smoothing, cap, plan,
-                             strategy, stream, empty, dtype)  # fmt: skip
-        merged = empty((plan.outer, SEGMENT_STATS), softmax_acc_dtype(dtype))
+        stats = _split_stats(kind, x, target, weight, options, plan, strategy,
+                             stream, empty, dtype)  # fmt: skip
+        merged = empty((plan.outer, SEGMENT_STATS), stats.dtype)
         split_merge_kernel(strategy, plan.block, dtype)[plan.outer, plan.block, stream](
             stats, merged
         )
